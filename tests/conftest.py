@@ -1,0 +1,33 @@
+"""Shared fixtures: the demo region (generated once per session), real data from ../shared/data/real, and
+the pgstac STAC API (tests/pgstac_fixture.py, started once per session when a test asks for it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import DemoConfig, generate
+
+pytest_plugins = ["tests.pgstac_fixture"]
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("SKYSENSE_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+
+# Small enough to generate in a few seconds, big enough for every feature (river, town, flood, swath edges).
+TEST_DEMO = DemoConfig(size_km=2.0, seed=0, hr_ratio=8)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (REAL_DATA / "README.md").exists():
+        pytest.fail(f"real test data not found at {REAL_DATA} (set SKYSENSE_REAL_DATA)")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_region(tmp_path_factory) -> tuple[Path, DemoConfig]:
+    """(catalog.json path, config) of a demo region generated for this session."""
+    out = tmp_path_factory.mktemp("demo-region")
+    return generate(TEST_DEMO, out, progress=False), TEST_DEMO
