@@ -1,8 +1,8 @@
 """The main job, end to end on the embedded demo region (``make demo``).
 
-Today: build the demo region (a local static STAC catalog with S2, S1 and HR COGs and ground truth) and
-search it the way the pipeline will: one season of each modality over the region. Later stages (ingest,
-pretraining, inference, mosaic) are added here as they land.
+Stages so far: build the demo region (a local static STAC catalog with S2, S1 and HR COGs and ground truth),
+search it as the pipeline does, and ingest it into a Zarr cube with Ray (out/demo/cube.zarr). Later stages
+(pretraining, inference, mosaic) are added here as they land.
 
     python jobs/demo.py --out out/demo [--size-km 5] [--seed 0] [--hr-ratio 8] [--force]
 """
@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
+from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any cwd
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 
 from pipeline import demo, stac  # noqa: E402
+from pipeline.cube import CubeConfig  # noqa: E402
+from pipeline.grid import load_aoi  # noqa: E402
+from pipeline.ingest import cube_summary, run_ingest  # noqa: E402
 
 
 def build_region(out: Path, cfg: demo.DemoConfig, force: bool) -> Path:
@@ -62,8 +69,15 @@ def main(argv=None) -> int:
         allow_empty=True,
     )
     print(f"  sentinel-2 April-September with eo:cloud_cover < 10%: {len(clear)} items")
-    print(f"\ndemo done in {time.time() - t0:.1f} s: {len(items)} items in {catalog}")
-    return 0
+
+    # Ingest: the whole region and year into a Zarr v3 cube (re-runs skip finished tiles).
+    cube = args.out / "cube.zarr"
+    print(f"\ningest -> {cube}")
+    cube_cfg = CubeConfig(hr_ratio=cfg.hr_ratio)
+    report = run_ingest(str(catalog), load_aoi(bbox), date(cfg.year, 1, 1), date(cfg.year, 12, 31), cube, cube_cfg)
+    print(cube_summary(cube))
+    print(f"\ndemo done in {time.time() - t0:.1f} s: {len(items)} items in {catalog}, cube {cube}")
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ def write_cog(
     count, height, width = arr.shape
     if isinstance(crs, int):
         crs = CRS.from_epsg(crs)
-    predictor = 3 if np.issubdtype(arr.dtype, np.floating) else 2
+    predictor = "FLOATING_POINT" if np.issubdtype(arr.dtype, np.floating) else "STANDARD"
     if colormap is not None:
-        predictor = 1  # paletted rasters compress better without the horizontal predictor
+        predictor = "NO"  # paletted rasters compress better without the horizontal predictor
     profile = dict(
         driver="COG",
         width=width,

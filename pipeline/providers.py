@@ -90,6 +90,8 @@ class ResolvedItem:
     bands: dict[str, BandRef]
     masks: dict[str, BandRef]
     profile: CollectionProfile
+    # Sentinel-1 only: the profile's value type, unless the asset's raster:bands "unit" says dB.
+    s1_values: S1Values | None = None
 
 
 def _same_keys(keys: Mapping[str, str]) -> dict[str, AssetBand]:
@@ -147,19 +149,21 @@ EARTH_SEARCH = ProviderProfile(
         "naip": _NAIP,
     },
 )
-# The embedded demo region (pipeline.demo) uses Planetary Computer asset keys.
+# Catalogs made by this project, with Planetary Computer asset keys: the embedded demo region (pipeline.demo)
+# and "local" catalogs that wrap a user's own files as STAC. Both are recognised by their items' `providers`.
+_OWN_COLLECTIONS = {
+    "sentinel-2-l2a": _PC_S2,
+    "sentinel-1-rtc": _PC_S1_RTC,
+    "sentinel-1-grd": CollectionProfile(S1, _S1_VV_VH, s1_values="linear_power", geometry="radar"),
+    "hr-rgb": CollectionProfile(HR, _RGB_IMAGE),
+    "naip": _NAIP,
+}
 DEMO_PROVIDER_NAME = "skysense-demo"
-DEMO = ProviderProfile(
-    name=DEMO_PROVIDER_NAME,
-    link_markers=(),
-    collections={
-        "sentinel-2-l2a": _PC_S2,
-        "sentinel-1-rtc": _PC_S1_RTC,
-        "hr-rgb": CollectionProfile(HR, _RGB_IMAGE),
-    },
-)
+DEMO = ProviderProfile(name=DEMO_PROVIDER_NAME, link_markers=(), collections=_OWN_COLLECTIONS)
+LOCAL_PROVIDER_NAME = "local"
+LOCAL = ProviderProfile(name=LOCAL_PROVIDER_NAME, link_markers=(), collections=_OWN_COLLECTIONS)
 
-PROFILES: dict[str, ProviderProfile] = {p.name: p for p in (PLANETARY_COMPUTER, EARTH_SEARCH, DEMO)}
+PROFILES: dict[str, ProviderProfile] = {p.name: p for p in (PLANETARY_COMPUTER, EARTH_SEARCH, DEMO, LOCAL)}
 
 
 def get_profile(name: str) -> ProviderProfile:
@@ -255,5 +259,12 @@ def resolve_item(
                 f"(bands: {', '.join(list(cp.bands) + list(cp.masks))})"
             )
     if bands is None:
-        masks = {name: ref(name, ab) for name, ab in cp.masks.items()}
-    return ResolvedItem(item_id, collection, profile.name, cp.modality, resolved, masks, cp)
+        # Mask layers are optional (BigEarthNet-style S2 has no SCL): masks then come from nodata alone.
+        masks = {name: ref(name, ab) for name, ab in cp.masks.items() if ab.asset in assets}
+    s1_values = None
+    if cp.modality == S1:
+        units = {
+            str((assets[cp.bands[b].asset].get("raster:bands") or [{}])[0].get("unit", "")).lower() for b in resolved
+        }
+        s1_values = "db" if units <= {"db", "decibel", "decibels"} and units else cp.s1_values
+    return ResolvedItem(item_id, collection, profile.name, cp.modality, resolved, masks, cp, s1_values)

@@ -20,6 +20,17 @@ TEST_DEMO = DemoConfig(size_km=2.0, seed=0, hr_ratio=8)
 
 
 @pytest.fixture(scope="session")
+def ray_local():
+    """An isolated local Ray cluster for the session (never attaches to another cluster on the machine)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def real_data() -> Path:
     if not (REAL_DATA / "README.md").exists():
         pytest.fail(f"real test data not found at {REAL_DATA} (set SKYSENSE_REAL_DATA)")

@@ -1,0 +1,92 @@
+"""Ingest: a STAC search over an area and a season -> a Zarr v3 cube of co-registered S2 / S1 / HR tiles.
+
+    python jobs/ingest.py --catalog PATH_OR_URL (--bbox MINLON MINLAT MAXLON MAXLAT | --aoi GEOJSON)
+                          --start DATE --end DATE --out CUBE [--tile-px N] [--halo-px N] ...
+    ray job submit --working-dir . -- python jobs/ingest.py ...
+
+Tiles run as Ray tasks with fractional CPUs; a re-run skips done tiles; CUBE/manifest.json lists failed tiles
+with reasons. Exit codes: 0 all tiles written, 1 some tiles failed (the others are written), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any cwd
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from pipeline import zarr_cube  # noqa: E402
+from pipeline.cube import CubeConfig  # noqa: E402
+from pipeline.grid import TileGrid, load_aoi  # noqa: E402
+from pipeline.ingest import cube_summary, run_ingest  # noqa: E402
+from pipeline.providers import PROFILES  # noqa: E402
+from pipeline.stac import StacSearchError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--catalog", required=True, help="STAC API URL, or a static catalog.json (or its directory)")
+    aoi = p.add_mutually_exclusive_group(required=True)
+    aoi.add_argument("--bbox", nargs=4, type=float, metavar=("MINLON", "MINLAT", "MAXLON", "MAXLAT"))
+    aoi.add_argument("--aoi", help="GeoJSON file (Geometry, Feature or FeatureCollection in lon/lat)")
+    p.add_argument("--start", required=True, type=date.fromisoformat, help="first day of the season, YYYY-MM-DD")
+    p.add_argument("--end", required=True, type=date.fromisoformat, help="last day of the season, YYYY-MM-DD")
+    p.add_argument("--out", required=True, help="the cube (a Zarr v3 store directory)")
+    d = CubeConfig()
+    p.add_argument("--tile-px", type=int, default=d.grid.tile_px, help="tile side in 10 m pixels")
+    p.add_argument("--halo-px", type=int, default=d.grid.halo_px, help="halo on each side, in 10 m pixels")
+    p.add_argument("--t-s2", type=int, default=d.t_s2, help="Sentinel-2 dates per tile")
+    p.add_argument("--t-s1", type=int, default=d.t_s1, help="Sentinel-1 dates per tile")
+    p.add_argument("--t-hr", type=int, default=d.t_hr, help="high-resolution dates per tile")
+    p.add_argument("--hr-ratio", type=int, default=d.hr_ratio, help="HR pixels per 10 m pixel")
+    p.add_argument("--collections", nargs="+", help="default: every collection a provider profile maps")
+    p.add_argument("--provider", default="auto", choices=["auto", *PROFILES])
+    p.add_argument("--cpus-per-tile", type=float, default=0.5, help="Ray CPUs per tile task (fractional)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster: an address, 'auto' (the cluster `ray start` runs on this machine) or 'local' "
+        "(a fresh local Ray). Default: RAY_ADDRESS if set (ray job submit sets it), else 'local'",
+    )
+    args = p.parse_args(argv)
+    if args.end < args.start:
+        p.error(f"--end {args.end} is before --start {args.start}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        aoi = load_aoi(bbox=args.bbox) if args.bbox else load_aoi(geojson=args.aoi)
+        cfg = CubeConfig(
+            grid=TileGrid(args.tile_px, args.halo_px),
+            t_s2=args.t_s2,
+            t_s1=args.t_s1,
+            t_hr=args.t_hr,
+            hr_ratio=args.hr_ratio,
+            provider=args.provider,
+        )
+        report = run_ingest(
+            args.catalog,
+            aoi,
+            args.start,
+            args.end,
+            args.out,
+            cfg,
+            collections=args.collections,
+            ray_address=args.ray_address,
+            cpus_per_tile=args.cpus_per_tile,
+        )
+    except (StacSearchError, ValueError, zarr_cube.CubeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(cube_summary(args.out))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,506 @@
+"""Cube assembly: the STAC items over one tile, co-registered onto the tile's grid as time series with masks.
+
+For every tile (:mod:`pipeline.grid`), odc-stac loads each modality onto the tile's own pixel grid:
+
+- **Sentinel-2**: the 10 bands of :data:`pipeline.bands.S2_BANDS` at 10 m, **bilinear** (10 m bands on an
+  aligned grid are read exactly; 20 m bands are interpolated), and SCL **nearest**. Dates (one per solar day,
+  same-day items merged) are chosen from a cheap first pass over SCL at 20 m: the season is cut into
+  ``t_s2`` equal periods and each period keeps its clearest date, then the clearest remaining dates fill the
+  empty periods. Per-pixel mask: every band has data and SCL is not no-data, saturated, cloud, cloud shadow or
+  cirrus (nodata alone when the catalog has no SCL). A date is valid when at least ``min_valid_fraction`` of
+  the tile is. Reflectance is harmonised to ``DN + offset`` where the provider encodes an offset
+  (``raster:bands`` offset/scale, or Sentinel-2 processing baseline >= 04.00: -1000).
+- **Sentinel-1**: VV, VH **bilinear** in linear power, then converted to dB. RTC is loaded in map geometry by
+  odc-stac; GRD in radar geometry is warped onto the tile grid through its ground control points (GDAL's GCP
+  transformer; only the source window the tile needs is read). Up to ``t_s1`` dates spread over the season,
+  preferring dates whose footprint covers the tile.
+- **High resolution** R, G, B: **bilinear** onto the tile grid at ``10 / hr_ratio`` m, up to ``t_hr`` dates
+  (best coverage, then the latest).
+
+A modality with no items over the tile yields empty (padded) arrays flagged absent. Items that cannot be
+read (missing band, missing or corrupt file) are skipped with a warning naming the item; the tile is written
+from the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, timedelta, timezone
+
+import numpy as np
+import pystac
+import shapely.geometry
+
+from pipeline import bands as B
+from pipeline.grid import Tile, TileGrid
+from pipeline.providers import ProviderError, ResolvedItem, resolve_item
+
+log = logging.getLogger(__name__)
+
+# The resampling rule per kind of data (stated once, used everywhere).
+RESAMPLING = {"reflectance": "bilinear", "backscatter": "bilinear", "classes": "nearest"}
+# S1 GRD amplitude DN -> sigma0: Sentinel-1 IPF IW GRD calibration constants are ~ 10^(55/20)..10^(57/20)
+# (sigmaNought LUT); without the per-product annotation the nominal value is used (documented approximation).
+GRD_AMPLITUDE_CAL_DB = 56.0
+
+
+@dataclass(frozen=True)
+class CubeConfig:
+    grid: TileGrid = field(default_factory=TileGrid)
+    t_s2: int = 20
+    t_s1: int = 10
+    t_hr: int = 1
+    hr_ratio: int = 8
+    min_valid_fraction: float = 0.05
+    provider: str = "auto"
+
+    def __post_init__(self) -> None:
+        if min(self.t_s2, self.t_s1, self.t_hr) < 1 or self.hr_ratio < 1:
+            raise ValueError("t_s2, t_s1, t_hr and hr_ratio must be >= 1")
+
+
+@dataclass
+class ModalityStack:
+    """One modality of one tile: ``data`` (T, C, H, W), ``mask`` (T, H, W) uint8 (1 = valid pixel)."""
+
+    name: str
+    data: np.ndarray
+    mask: np.ndarray
+    dates: list[date | None]  # None for padded slots
+    valid: np.ndarray  # (T,) bool: date holds usable data
+    item_ids: list[list[str]]  # per date slot, the items merged into it
+    present: bool  # any item of this modality over the tile
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. SCL (T, H, W)
+
+
+@dataclass
+class TileSample:
+    tile: Tile
+    s2: ModalityStack
+    s1: ModalityStack
+    hr: ModalityStack
+    warnings: list[str]
+
+    def stats(self) -> dict[str, dict[str, list[float]]]:
+        """Per band count / sum / sum of squares of valid core pixels, for cube-wide normalisation."""
+        out = {}
+        hr_ratio = self.hr.data.shape[-1] // self.tile.shape()[0]
+        for stack, ratio in ((self.s2, 1), (self.s1, 1), (self.hr, hr_ratio)):
+            rs, cs = self.tile.core_slice(ratio)
+            m = stack.mask[:, rs, cs].astype(bool)
+            d = stack.data[:, :, rs, cs].astype(np.float64)
+            count, s, ss = [], [], []
+            for c in range(d.shape[1]):
+                v = d[:, c][m]
+                count.append(float(v.size))
+                s.append(float(v.sum()))
+                ss.append(float((v * v).sum()))
+            out[stack.name] = {"count": count, "sum": s, "sumsq": ss}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- selection
+
+
+def solar_day(item: pystac.Item) -> date:
+    """The local solar day of an acquisition: UTC time shifted by longitude / 15 hours, the rule of odc-stac's
+    ``groupby="solar_day"``, so that the scenes of one overpass fall on one day."""
+    dt = item.datetime or item.common_metadata.start_datetime
+    lon = shapely.geometry.shape(item.geometry).centroid.x if item.geometry else 0.0
+    return (dt.astimezone(timezone.utc) + timedelta(seconds=lon * 240)).date()
+
+
+def select_dates(
+    days: Sequence[date], score: Sequence[float], t_max: int, start: date, end: date, min_score: float
+) -> list[int]:
+    """Indices of up to ``t_max`` dates spread over [start, end]: the best-scoring date of each of ``t_max``
+    equal periods, then the best remaining ones; dates scoring below ``min_score`` are never chosen.
+    Returned in date order."""
+    ok = [i for i in range(len(days)) if score[i] >= min_score]
+    if not ok:
+        return []
+    span = max((end - start).days + 1, 1)
+    chosen: list[int] = []
+    for k in range(t_max):
+        lo = start.toordinal() + span * k / t_max
+        hi = start.toordinal() + span * (k + 1) / t_max
+        in_bin = [i for i in ok if lo <= days[i].toordinal() < hi and i not in chosen]
+        if in_bin:
+            chosen.append(max(in_bin, key=lambda i: (score[i], -days[i].toordinal())))
+    rest = sorted((i for i in ok if i not in chosen), key=lambda i: (-score[i], days[i].toordinal()))
+    chosen += rest[: t_max - len(chosen)]
+    return sorted(chosen, key=lambda i: days[i])
+
+
+def coverage(item: pystac.Item, tile: Tile) -> float:
+    """Share of the tile (with halo) covered by the item's footprint."""
+    if not item.geometry:
+        return 0.0
+    fp = tile.footprint_lonlat()
+    return float(shapely.geometry.shape(item.geometry).intersection(fp).area / fp.area)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class _Candidate:
+    item: pystac.Item
+    resolved: ResolvedItem
+
+
+def resolve_items(items: Sequence[pystac.Item], provider: str, warnings: list[str]) -> dict[str, list[_Candidate]]:
+    """Items grouped by modality; items that do not map onto the canonical bands are skipped with a warning."""
+    out: dict[str, list[_Candidate]] = defaultdict(list)
+    for it in items:
+        try:
+            r = resolve_item(it, provider)
+        except ProviderError as e:
+            warnings.append(f"skipped item: {e}")
+            continue
+        out[r.modality].append(_Candidate(it, r))
+    return out
+
+
+def _by_day(cands: Sequence[_Candidate]) -> dict[date, list[_Candidate]]:
+    days: dict[date, list[_Candidate]] = defaultdict(list)
+    for c in cands:
+        days[solar_day(c.item)].append(c)
+    return dict(sorted(days.items()))
+
+
+def _odc_band_name(ref) -> str:
+    return ref.asset_key if ref.band_index == 1 and "." not in ref.asset_key else f"{ref.asset_key}.{ref.band_index}"
+
+
+def _odc_load(items: list[pystac.Item], bands: list[str], geobox, resampling, dtype=None):
+    import odc.stac
+
+    return odc.stac.load(
+        items,
+        bands=bands,
+        geobox=geobox,
+        groupby="solar_day",
+        resampling=resampling,
+        dtype=dtype,
+        chunks=None,
+        fail_on_error=True,
+        progress=None,
+    )
+
+
+def _load_days(days: dict[date, list[_Candidate]], loader, warnings: list[str], what: str) -> dict[date, dict]:
+    """Load every day with ``loader(cands) -> {name: (H, W) array}``; a day whose items fail is skipped
+    with a warning naming the items and the error."""
+    out = {}
+    for day, cands in days.items():
+        try:
+            out[day] = loader(cands)
+        except Exception as e:  # rasterio / GDAL raise many types for corrupt or missing files
+            ids = ", ".join(c.item.id for c in cands)
+            warnings.append(f"skipped {what} {day} (items {ids}): {type(e).__name__}: {str(e)[:300]}")
+    return out
+
+
+def _choose_and_load(
+    days: dict[date, list[_Candidate]],
+    scores: dict[date, float],
+    choose: Callable[[list[date], list[float]], list[date]],
+    loader,
+    warnings: list[str],
+    what: str,
+) -> dict[date, dict]:
+    """Choose dates, load them, and when a chosen date cannot be read, choose again without it, so that a bad
+    item costs its own date only. Returns the loaded dates, in date order."""
+    excluded: set[date] = set()
+    loaded: dict[date, dict] = {}
+    while True:
+        avail = [d for d in scores if d not in excluded]
+        chosen = choose(avail, [scores[d] for d in avail])
+        new = [d for d in chosen if d not in loaded]
+        got = _load_days({d: days[d] for d in new}, loader, warnings, what)
+        loaded.update(got)
+        failed = set(new) - set(got)
+        if not failed:
+            return {d: loaded[d] for d in sorted(chosen)}
+        excluded |= failed
+
+
+def s2_dn_offset(item: pystac.Item, asset_key: str) -> int:
+    """Offset to add to Sentinel-2 DN to get reflectance x 1e4 (baseline >= 04.00 products add 1000)."""
+    asset = item.assets.get(asset_key)
+    rb = (asset.extra_fields.get("raster:bands") or [{}])[0] if asset else {}
+    if "offset" in rb and rb.get("scale"):
+        return int(round(float(rb["offset"]) / float(rb["scale"])))
+    baseline = item.properties.get("s2:processing_baseline")
+    if baseline is not None:
+        try:
+            return -1000 if float(baseline) >= 4.0 else 0
+        except ValueError:
+            pass
+    return 0
+
+
+def assemble_s2(
+    tile: Tile, cands: list[_Candidate], cfg: CubeConfig, start: date, end: date, warnings: list[str]
+) -> ModalityStack:
+    n = tile.shape()[0]
+    T = cfg.t_s2
+    stack = ModalityStack(
+        B.S2,
+        np.zeros((T, len(B.S2_BANDS), n, n), np.uint16),
+        np.zeros((T, n, n), np.uint8),
+        [None] * T,
+        np.zeros(T, bool),
+        [[] for _ in range(T)],
+        bool(cands),
+        {"scl": np.zeros((T, n, n), np.uint8)},
+    )
+    if not cands:
+        return stack
+    days = _by_day(cands)
+    has_scl = all(B.S2_SCL in c.resolved.masks for c in cands)
+    # Pass 1: a clear-sky score per day from SCL (or data coverage) at 20 m.
+    from odc.geo.geobox import GeoBox
+
+    x0, y0, x1, y1 = tile.bounds()
+    gb20 = GeoBox.from_bbox((x0, y0, x1, y1), f"EPSG:{tile.epsg}", resolution=20.0)
+    probe = B.S2_SCL if has_scl else "B8A"
+
+    def load_probe(cs):
+        ref = cs[0].resolved.masks[probe] if has_scl else cs[0].resolved.bands[probe]
+        ds = _odc_load([c.item for c in cs], [_odc_band_name(ref)], gb20, RESAMPLING["classes"])
+        a = ds[_odc_band_name(ref)].values[0]
+        if has_scl:
+            return {"score": float((~np.isin(a, B.SCL_INVALID)).mean())}
+        return {"score": float((a > 0).mean())}
+
+    probes = _load_days(days, load_probe, warnings, "sentinel-2 date")
+    scores = {d: p["score"] for d, p in probes.items()}
+
+    def choose(ds: list[date], sc: list[float]) -> list[date]:
+        return [ds[i] for i in select_dates(ds, sc, T, start, end, cfg.min_valid_fraction)]
+
+    if not choose(list(scores), list(scores.values())):
+        warnings.append(
+            f"sentinel-2: no date with at least {cfg.min_valid_fraction:.0%} clear pixels "
+            f"among {len(days)} dates; S2 flagged invalid"
+        )
+        return stack
+
+    def load_bands(cs):
+        refs = cs[0].resolved
+        names = [_odc_band_name(refs.bands[b]) for b in B.S2_BANDS]
+        res = {nm: RESAMPLING["reflectance"] for nm in names}
+        if has_scl:
+            names.append(_odc_band_name(refs.masks[B.S2_SCL]))
+            res[names[-1]] = RESAMPLING["classes"]
+        ds = _odc_load([c.item for c in cs], names, tile.geobox(), res)
+        out = {b: ds[nm].values[0] for b, nm in zip(B.S2_BANDS, names, strict=False)}
+        if has_scl:
+            out[B.S2_SCL] = ds[names[-1]].values[0]
+        return out
+
+    loaded = _choose_and_load(days, scores, choose, load_bands, warnings, "sentinel-2 date")
+    for k, (day, arrs) in enumerate(loaded.items()):
+        cs = days[day]
+        offset = s2_dn_offset(cs[0].item, cs[0].resolved.bands["B04"].asset_key)
+        data = np.stack([arrs[b] for b in B.S2_BANDS]).astype(np.int32)
+        nodata = (data == 0).any(axis=0)
+        if offset:
+            data = np.clip(data + offset, 1, 65535)
+        data[:, nodata] = 0
+        mask = ~nodata
+        if has_scl:
+            scl = arrs[B.S2_SCL]
+            stack.extra["scl"][k] = scl
+            mask &= ~np.isin(scl, B.SCL_INVALID)
+        stack.data[k] = data.astype(np.uint16)
+        stack.mask[k] = mask
+        stack.dates[k] = day
+        stack.valid[k] = mask.mean() >= cfg.min_valid_fraction
+        stack.item_ids[k] = [c.item.id for c in cs]
+    return stack
+
+
+def _to_db(values: np.ndarray, kind: str, nodata: float | None) -> np.ndarray:
+    v = values.astype(np.float64)
+    bad = ~np.isfinite(v)
+    if nodata is not None and not math.isnan(nodata):
+        bad |= v == nodata
+    if kind == "db":
+        out = v
+    elif kind == "linear_power":
+        bad |= v <= 0
+        out = 10 * np.log10(np.where(bad, 1.0, v))
+    elif kind == "amplitude_dn":
+        bad |= v <= 0
+        out = 20 * np.log10(np.where(bad, 1.0, v)) - GRD_AMPLITUDE_CAL_DB
+    else:
+        raise ValueError(f"unknown S1 value type {kind!r}")
+    out[bad] = np.nan
+    return out.astype(np.float32)
+
+
+def _asset_nodata(item: pystac.Item, key: str) -> float | None:
+    rb = (item.assets[key].extra_fields.get("raster:bands") or [{}])[0]
+    return rb.get("nodata")
+
+
+def _warp_gcps(href: str, band_index: int, tile: Tile) -> np.ndarray:
+    """A radar-geometry raster (georeferenced only by ground control points) warped bilinearly onto the tile
+    grid: the source window the tile needs is found by inverting the GCP transform (rasterio's
+    GCPTransformer), only that window is read, and GDAL warps it with the GCPs shifted into the window.
+    Returns float32 with NaN where the raster has no data."""
+    import rasterio
+    from rasterio.control import GroundControlPoint
+    from rasterio.enums import Resampling
+    from rasterio.transform import GCPTransformer
+    from rasterio.warp import reproject
+    from rasterio.windows import Window
+
+    out = np.full(tile.shape(), np.nan, np.float32)
+    with rasterio.open(href) as src:
+        gcps, gcp_crs = src.gcps
+        if not gcps:
+            raise ValueError(f"{href}: radar-geometry raster without ground control points")
+        # The tile outline (densified) in the GCPs' CRS -> source rows/cols -> the window to read.
+        outline = shapely.segmentize(shapely.geometry.box(*tile.bounds()), tile.grid.tile_m / 8)
+        xs, ys = np.asarray(outline.exterior.coords).T
+        from pyproj import Transformer
+
+        gx, gy = Transformer.from_crs(tile.epsg, gcp_crs, always_xy=True).transform(xs, ys)
+        rows, cols = GCPTransformer(gcps).rowcol(gx, gy, op=float)
+        margin = 3
+        r0, r1 = max(int(np.floor(np.min(rows))) - margin, 0), min(int(np.ceil(np.max(rows))) + margin, src.height)
+        c0, c1 = max(int(np.floor(np.min(cols))) - margin, 0), min(int(np.ceil(np.max(cols))) + margin, src.width)
+        if r0 >= r1 or c0 >= c1:
+            return out  # the tile lies outside this scene
+        data = src.read(band_index, window=Window(c0, r0, c1 - c0, r1 - r0)).astype(np.float32)
+        nodata = src.nodata if src.nodata is not None else 0.0
+        shifted = [GroundControlPoint(row=g.row - r0, col=g.col - c0, x=g.x, y=g.y, z=g.z) for g in gcps]
+        reproject(
+            data,
+            out,
+            gcps=shifted,
+            src_crs=gcp_crs,
+            src_nodata=nodata,
+            dst_transform=tile.transform(),
+            dst_crs=f"EPSG:{tile.epsg}",
+            dst_nodata=np.nan,
+            resampling=Resampling.bilinear,
+        )
+    return out
+
+
+def assemble_s1(
+    tile: Tile, cands: list[_Candidate], cfg: CubeConfig, start: date, end: date, warnings: list[str]
+) -> ModalityStack:
+    n = tile.shape()[0]
+    T = cfg.t_s1
+    stack = ModalityStack(
+        B.S1,
+        np.full((T, 2, n, n), np.nan, np.float32),
+        np.zeros((T, n, n), np.uint8),
+        [None] * T,
+        np.zeros(T, bool),
+        [[] for _ in range(T)],
+        bool(cands),
+    )
+    if not cands:
+        return stack
+    days = _by_day(cands)
+    cover = {d: max(coverage(c.item, tile) for c in days[d]) for d in days}
+
+    def choose(ds: list[date], sc: list[float]) -> list[date]:
+        return [ds[i] for i in select_dates(ds, sc, T, start, end, cfg.min_valid_fraction)]
+
+    def load(cs):
+        r = cs[0].resolved
+        if r.profile.geometry == "radar":
+            out = {}
+            for b in B.S1_BANDS:
+                merged = np.full(tile.shape(), np.nan, np.float32)
+                for c in cs:  # same-day scenes: first valid value wins, as odc-stac's groupby does
+                    ref = c.resolved.bands[b]
+                    v = _to_db(_warp_gcps(ref.href, ref.band_index, tile), c.resolved.s1_values, None)
+                    merged = np.where(np.isnan(merged), v, merged)
+                out[b] = merged
+            return out
+        names = [_odc_band_name(r.bands[b]) for b in B.S1_BANDS]
+        ds = _odc_load([c.item for c in cs], names, tile.geobox(), RESAMPLING["backscatter"], dtype="float32")
+        return {
+            b: _to_db(ds[nm].values[0], r.s1_values, _asset_nodata(cs[0].item, r.bands[b].asset_key))
+            for b, nm in zip(B.S1_BANDS, names, strict=True)
+        }
+
+    loaded = _choose_and_load(days, cover, choose, load, warnings, "sentinel-1 date")
+    for k, (day, arrs) in enumerate(loaded.items()):
+        data = np.stack([arrs[b] for b in B.S1_BANDS])
+        mask = np.isfinite(data).all(axis=0)
+        stack.data[k] = data
+        stack.mask[k] = mask
+        stack.dates[k] = day
+        stack.valid[k] = mask.mean() >= cfg.min_valid_fraction
+        stack.item_ids[k] = [c.item.id for c in days[day]]
+    return stack
+
+
+def assemble_hr(tile: Tile, cands: list[_Candidate], cfg: CubeConfig, warnings: list[str]) -> ModalityStack:
+    r = cfg.hr_ratio
+    n = tile.shape(r)[0]
+    T = cfg.t_hr
+    stack = ModalityStack(
+        B.HR,
+        np.zeros((T, len(B.HR_BANDS), n, n), np.uint8),
+        np.zeros((T, n, n), np.uint8),
+        [None] * T,
+        np.zeros(T, bool),
+        [[] for _ in range(T)],
+        bool(cands),
+    )
+    if not cands:
+        return stack
+    days = _by_day(cands)
+    cover = {d: max(coverage(c.item, tile) for c in days[d]) for d in days}
+
+    def choose(ds: list[date], sc: list[float]) -> list[date]:
+        ok = [(d, v) for d, v in zip(ds, sc, strict=True) if v >= cfg.min_valid_fraction]
+        return [d for d, _ in sorted(ok, key=lambda dv: (-dv[1], -dv[0].toordinal()))[:T]]
+
+    def load(cs):
+        refs = cs[0].resolved
+        names = [_odc_band_name(refs.bands[b]) for b in B.HR_BANDS]
+        ds = _odc_load([c.item for c in cs], names, tile.geobox(r), RESAMPLING["reflectance"], dtype="uint8")
+        return {b: ds[nm].values[0] for b, nm in zip(B.HR_BANDS, names, strict=True)}
+
+    loaded = _choose_and_load(days, cover, choose, load, warnings, "high-resolution date")
+    for k, (day, arrs) in enumerate(loaded.items()):
+        data = np.stack([arrs[b] for b in B.HR_BANDS])
+        mask = (data > 0).any(axis=0)
+        stack.data[k] = data
+        stack.mask[k] = mask
+        stack.dates[k] = day
+        stack.valid[k] = mask.mean() >= cfg.min_valid_fraction
+        stack.item_ids[k] = [c.item.id for c in days[day]]
+    return stack
+
+
+def assemble_tile(
+    tile: Tile, items: Sequence[pystac.Item | Mapping], cfg: CubeConfig, start: date, end: date
+) -> TileSample:
+    """Load every modality of ``tile`` from ``items`` (pystac Items or item dicts)."""
+    import odc.stac
+
+    odc.stac.configure_rio(cloud_defaults=True)  # per process: each Ray worker sets its own GDAL config
+    items = [it if isinstance(it, pystac.Item) else pystac.Item.from_dict(dict(it)) for it in items]
+    warnings: list[str] = []
+    by = resolve_items(items, cfg.provider, warnings)
+    s2 = assemble_s2(tile, by.get(B.S2, []), cfg, start, end, warnings)
+    s1 = assemble_s1(tile, by.get(B.S1, []), cfg, start, end, warnings)
+    hr = assemble_hr(tile, by.get(B.HR, []), cfg, warnings)
+    return TileSample(tile, s2, s1, hr, warnings)

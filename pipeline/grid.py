@@ -1,0 +1,209 @@
+"""The tile grid: the one place that defines tiles, their ids and their pixel grids.
+
+A tile is ``tile_px`` x ``tile_px`` Sentinel-2 pixels (10 m) on the UTM grid of its zone, plus a halo of
+``halo_px`` pixels on each side. Tiles of a zone sit on a fixed lattice anchored at easting/northing 0 of that
+zone, so the same place always gets the same tile, whatever the AOI, and every 10 m source grid whose origin is
+a multiple of 10 m (Sentinel-2 MGRS tiles, BigEarthNet patches) aligns with it pixel for pixel.
+
+An AOI in lon/lat is split into the standard 6-degree UTM zones (and at the equator: WGS84 / UTM north
+326xx, south 327xx); each part is cut on its own zone's lattice, so AOIs across zone boundaries work. (The
+Norway/Svalbard zone exceptions are not applied: tiles there use the standard zone of their longitude.)
+
+Tile id: ``{zone:02d}{N|S}_{col:04d}_{row:04d}`` (column and row of the tile on its zone's lattice, the row
+counted northwards from the zone's false northing origin), e.g. ``32N_0390_3906``: safe as a path name and
+stable across runs with the same ``tile_px``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import shapely
+import shapely.geometry
+from affine import Affine
+from pyproj import CRS, Transformer
+
+S2_RES_M = 10.0
+TILE_ID_RE = re.compile(r"^(\d{2})([NS])_(\d{4,})_(\d{4,})$")
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    tile_px: int = 128
+    halo_px: int = 16
+    res_m: float = S2_RES_M
+
+    def __post_init__(self) -> None:
+        if self.tile_px < 8 or self.halo_px < 0:
+            raise ValueError(f"tile_px must be >= 8 and halo_px >= 0, got {self.tile_px}, {self.halo_px}")
+
+    @property
+    def tile_m(self) -> float:
+        return self.tile_px * self.res_m
+
+    @property
+    def size_px(self) -> int:
+        """Side of a tile sample including the halo, in S2 pixels."""
+        return self.tile_px + 2 * self.halo_px
+
+
+def utm_epsg(zone: int, south: bool) -> int:
+    return (32700 if south else 32600) + zone
+
+
+def utm_zone(lon: float) -> int:
+    return min(int((lon + 180) // 6) + 1, 60)
+
+
+@lru_cache(maxsize=128)
+def _to_lonlat(epsg: int) -> Transformer:
+    return Transformer.from_crs(epsg, 4326, always_xy=True)
+
+
+@lru_cache(maxsize=128)
+def _from_lonlat(epsg: int) -> Transformer:
+    return Transformer.from_crs(4326, epsg, always_xy=True)
+
+
+def _reproject(geom, transformer: Transformer):
+    return shapely.transform(geom, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+
+
+@dataclass(frozen=True)
+class Tile:
+    zone: int
+    south: bool
+    col: int
+    row: int
+    grid: TileGrid
+
+    @property
+    def id(self) -> str:
+        return f"{self.zone:02d}{'S' if self.south else 'N'}_{self.col:04d}_{self.row:04d}"
+
+    @property
+    def epsg(self) -> int:
+        return utm_epsg(self.zone, self.south)
+
+    @property
+    def crs(self) -> CRS:
+        return CRS.from_epsg(self.epsg)
+
+    def core_bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) of the tile core in metres of its UTM zone."""
+        m = self.grid.tile_m
+        return self.col * m, self.row * m, (self.col + 1) * m, (self.row + 1) * m
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        """Bounds including the halo."""
+        h = self.grid.halo_px * self.grid.res_m
+        x0, y0, x1, y1 = self.core_bounds()
+        return x0 - h, y0 - h, x1 + h, y1 + h
+
+    def transform(self, ratio: int = 1) -> Affine:
+        """Affine transform of the tile sample (with halo) at ``res_m / ratio`` metres."""
+        x0, _, _, y1 = self.bounds()
+        res = self.grid.res_m / ratio
+        return Affine(res, 0.0, x0, 0.0, -res, y1)
+
+    def shape(self, ratio: int = 1) -> tuple[int, int]:
+        n = self.grid.size_px * ratio
+        return n, n
+
+    def geobox(self, ratio: int = 1):
+        """The odc-geo GeoBox of the tile sample at ``res_m / ratio`` (ratio > 1: the HR grid)."""
+        from odc.geo.geobox import GeoBox
+
+        return GeoBox(self.shape(ratio), self.transform(ratio), f"EPSG:{self.epsg}")
+
+    def footprint_lonlat(self, halo: bool = True):
+        x0, y0, x1, y1 = self.bounds() if halo else self.core_bounds()
+        # Densify the edges: a UTM square is not a lon/lat rectangle.
+        box = shapely.segmentize(shapely.geometry.box(x0, y0, x1, y1), (x1 - x0) / 8)
+        return _reproject(box, _to_lonlat(self.epsg))
+
+    def center_lonlat(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.core_bounds()
+        lon, lat = _to_lonlat(self.epsg).transform((x0 + x1) / 2, (y0 + y1) / 2)
+        return float(lon), float(lat)
+
+    def core_slice(self, ratio: int = 1) -> tuple[slice, slice]:
+        """Row and column slices of the core inside the tile sample."""
+        h, n = self.grid.halo_px * ratio, self.grid.tile_px * ratio
+        return slice(h, h + n), slice(h, h + n)
+
+
+def parse_tile_id(tile_id: str, grid: TileGrid) -> Tile:
+    m = TILE_ID_RE.match(tile_id)
+    if not m:
+        raise ValueError(f"not a tile id: {tile_id!r} (expected e.g. 32N_0390_3906)")
+    return Tile(int(m.group(1)), m.group(2) == "S", int(m.group(3)), int(m.group(4)), grid)
+
+
+def load_aoi(bbox: Sequence[float] | None = None, geojson: str | Path | dict | None = None):
+    """The AOI as a shapely geometry in lon/lat, from a bbox or a GeoJSON file/dict (Geometry, Feature or
+    FeatureCollection, in lon/lat as GeoJSON requires)."""
+    if (bbox is None) == (geojson is None):
+        raise ValueError("give exactly one of bbox or geojson")
+    if bbox is not None:
+        if len(bbox) != 4:
+            raise ValueError(f"bbox needs MINLON MINLAT MAXLON MAXLAT, got {list(bbox)}")
+        x0, y0, x1, y1 = map(float, bbox)
+        if not (-180 <= x0 < x1 <= 180 and -90 <= y0 < y1 <= 90):
+            raise ValueError(f"bbox {list(bbox)} is not MINLON MINLAT MAXLON MAXLAT in degrees with min < max")
+        return shapely.geometry.box(x0, y0, x1, y1)
+    doc = geojson
+    if not isinstance(doc, dict):
+        path = Path(doc)
+        if not path.exists():
+            raise ValueError(f"AOI file {path} does not exist")
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"AOI file {path} is not valid JSON: {e}") from e
+    kind = doc.get("type")
+    if kind == "FeatureCollection":
+        geoms = [shapely.geometry.shape(f["geometry"]) for f in doc.get("features", []) if f.get("geometry")]
+    elif kind == "Feature":
+        geoms = [shapely.geometry.shape(doc["geometry"])]
+    else:
+        geoms = [shapely.geometry.shape(doc)]
+    if not geoms:
+        raise ValueError("the AOI GeoJSON holds no geometry")
+    geom = shapely.union_all(geoms)
+    x0, y0, x1, y1 = geom.bounds
+    if geom.is_empty or not (-180 <= x0 and x1 <= 180 and -90 <= y0 and y1 <= 90):
+        raise ValueError(f"AOI bounds {geom.bounds} are not lon/lat degrees")
+    return geom
+
+
+def tiles_for_aoi(aoi_lonlat, grid: TileGrid) -> list[Tile]:
+    """Every tile whose core intersects the AOI, zone by zone, sorted by id."""
+    return sorted(_iter_tiles(aoi_lonlat, grid), key=lambda t: t.id)
+
+
+def _iter_tiles(aoi_lonlat, grid: TileGrid) -> Iterator[Tile]:
+    x0, y0, x1, y1 = aoi_lonlat.bounds
+    m = grid.tile_m
+    for zone in range(utm_zone(x0), utm_zone(x1) + 1):
+        lon0 = -180 + 6 * (zone - 1)
+        for south, (lat0, lat1) in ((False, (0.0, 90.0)), (True, (-90.0, 0.0))):
+            part = aoi_lonlat.intersection(shapely.geometry.box(lon0, lat0, lon0 + 6, lat1))
+            if part.is_empty or part.area == 0 and part.length == 0 and not isinstance(part, shapely.Point):
+                continue
+            epsg = utm_epsg(zone, south)
+            utm = _reproject(shapely.segmentize(part, 0.01), _from_lonlat(epsg))
+            shapely.prepare(utm)
+            bx0, by0, bx1, by1 = utm.bounds
+            for col in range(math.floor(bx0 / m), math.floor(bx1 / m) + 1):
+                for row in range(math.floor(by0 / m), math.floor(by1 / m) + 1):
+                    t = Tile(zone, south, col, row, grid)
+                    if utm.intersects(shapely.geometry.box(*t.core_bounds())):
+                        yield t

@@ -1,0 +1,296 @@
+"""Ingest orchestration: a STAC search over an AOI and a season becomes a Zarr v3 cube, one Ray task per tile.
+
+The driver searches once, plans the tiles (:mod:`pipeline.grid`), assigns each tile the items whose footprint
+intersects it (an STRtree query per tile: linear in tiles, not tiles x items), creates or reopens the cube,
+skips tiles whose done marker is set, and runs the others as Ray tasks with fractional CPUs, keeping a bounded
+number in flight. A tile that fails is recorded with its reason; the others are still written. At the end the
+index status, the cube-wide normalisation statistics (from every done tile, including those of earlier runs)
+and ``manifest.json`` are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pystac
+import shapely
+import shapely.geometry
+
+from pipeline import zarr_cube
+from pipeline.cube import CubeConfig, assemble_tile
+from pipeline.grid import Tile, tiles_for_aoi
+from pipeline.providers import PROFILES
+from pipeline.stac import StacSource, open_source, search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TileOutcome:
+    tile_id: str
+    ok: bool
+    seconds: float
+    reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    stats: dict | None = None
+
+
+@dataclass
+class IngestReport:
+    cube: str
+    tiles: int
+    done: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    warnings: dict[str, list[str]]
+    seconds: float
+    items: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        lines = [
+            f"cube {self.cube}: {self.tiles} tiles, {len(self.done)} written, {len(self.skipped)} already done, "
+            f"{len(self.failed)} failed, {self.items} items, {self.seconds:.1f} s"
+        ]
+        for tid, reason in sorted(self.failed.items()):
+            lines.append(f"  FAILED {tid}: {reason.splitlines()[0][:300]}")
+        n_warn = sum(len(v) for v in self.warnings.values())
+        if n_warn:
+            lines.append(f"  {n_warn} warnings in {len(self.warnings)} tiles (see manifest.json), e.g.:")
+            for tid, ws in list(self.warnings.items())[:3]:
+                lines.append(f"    {tid}: {ws[0][:300]}")
+        return "\n".join(lines)
+
+
+def ingest_tile(
+    cube: str, tile: Tile, items: Sequence[Mapping], cfg: CubeConfig, start: date, end: date
+) -> TileOutcome:
+    """Assemble and write one tile; never raises (the reason goes into the outcome)."""
+    t0 = time.perf_counter()
+    try:
+        sample = assemble_tile(tile, items, cfg, start, end)
+        zarr_cube.write_tile(cube, sample, cfg)
+        return TileOutcome(tile.id, True, time.perf_counter() - t0, warnings=sample.warnings, stats=sample.stats())
+    except Exception as e:  # a tile's failure must not take the run down
+        reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+        return TileOutcome(tile.id, False, time.perf_counter() - t0, reason=reason)
+
+
+def default_collections(source: StacSource) -> list[str]:
+    """The source's collections that some provider profile maps onto the canonical bands."""
+    known = {c for p in PROFILES.values() for c in p.collections}
+    return [c for c in source.collection_ids() if c in known]
+
+
+def assign_items(tiles: Sequence[Tile], items: Sequence[pystac.Item]) -> dict[str, list[int]]:
+    """For every tile, the indices of the items whose footprint intersects it (with halo)."""
+    geoms = [shapely.geometry.shape(it.geometry) for it in items]
+    tree = shapely.STRtree(geoms)
+    out = {}
+    for t in tiles:
+        fp = t.footprint_lonlat()
+        out[t.id] = sorted(int(i) for i in tree.query(fp, predicate="intersects"))
+    return out
+
+
+def resolve_ray_address(address: str | None) -> str:
+    """The cluster a job uses: the given address, else RAY_ADDRESS (``ray job submit`` sets it), else a fresh
+    local Ray ("local"). Ray's own discovery of "the last `ray start` cluster" is used only when asked for
+    with "auto": a stale record of a stopped cluster must not hang a job on one machine."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    addr = resolve_ray_address(address)
+    extra = {"include_dashboard": False} if addr == "local" else {}
+    ray.init(address=addr, log_to_driver=True, logging_level=logging.WARNING, **extra)
+
+
+def run_ingest(
+    catalog: str,
+    aoi,
+    start: date,
+    end: date,
+    out: str | Path,
+    cfg: CubeConfig | None = None,
+    *,
+    collections: Sequence[str] | None = None,
+    ray_address: str | None = None,
+    cpus_per_tile: float = 0.5,
+    max_in_flight: int | None = None,
+    progress: Callable[[str], None] | None = print,
+    tile_filter: Callable[[Tile], bool] | None = None,
+) -> IngestReport:
+    """Build (or complete) the cube at ``out`` for ``aoi`` (a shapely geometry in lon/lat) and [start, end].
+
+    Raises :class:`pipeline.stac.StacSearchError` (no items, unknown collection ...), ``ValueError`` (bad
+    AOI) and :class:`pipeline.zarr_cube.CubeError` (an existing cube made with other settings) before any
+    tile is touched. ``tile_filter`` restricts the run to some of the planned tiles (tests, refreshes).
+    """
+    import ray
+
+    cfg = cfg or CubeConfig()
+    t0 = time.perf_counter()
+    say = progress or (lambda s: None)
+    out = str(Path(out).resolve())
+    source = open_source(catalog, provider=cfg.provider)
+    cols = list(collections) if collections else default_collections(source)
+    if not cols:
+        raise ValueError(
+            f"{catalog} has no collection that a provider profile maps "
+            f"(its collections: {', '.join(source.collection_ids())})"
+        )
+    window = f"{start.isoformat()}/{end.isoformat()}"
+    items = search(source, collections=cols, intersects=shapely.geometry.mapping(aoi), datetime=window)
+    tiles = tiles_for_aoi(aoi, cfg.grid)
+    if tile_filter is not None:
+        tiles = [t for t in tiles if tile_filter(t)]
+    say(
+        f"[ingest] {len(items)} items in {', '.join(cols)} over {window}; {len(tiles)} tiles of "
+        f"{cfg.grid.tile_px}+2x{cfg.grid.halo_px} px"
+    )
+    search_meta = {
+        "catalog": catalog,
+        "collections": cols,
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "aoi": shapely.geometry.mapping(aoi),
+    }
+    all_tiles = tiles_for_aoi(aoi, cfg.grid)
+    zarr_cube.create_or_open(out, cfg, all_tiles, search_meta)
+
+    with ThreadPoolExecutor(8) as pool:
+        done_flags = list(pool.map(lambda t: zarr_cube.is_done(out, t.id), tiles))
+    todo = [t for t, d in zip(tiles, done_flags, strict=True) if not d]
+    skipped = [t.id for t, d in zip(tiles, done_flags, strict=True) if d]
+    if skipped:
+        say(f"[ingest] {len(skipped)} tiles already done, {len(todo)} to do")
+    assignment = assign_items(todo, items)
+    item_dicts = [it.to_dict(include_self_link=False, transform_hrefs=False) for it in items]
+
+    outcomes: list[TileOutcome] = []
+    if todo:
+        _init_ray(ray_address)
+        task = ray.remote(num_cpus=cpus_per_tile, max_retries=2)(ingest_tile)
+        cfg_ref = ray.put(cfg)
+        cap = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 2) / cpus_per_tile))
+        pending: dict[Any, str] = {}
+        queue = list(todo)
+        last = time.perf_counter()
+        while queue or pending:
+            while queue and len(pending) < cap:
+                t = queue.pop(0)
+                tile_items = [item_dicts[i] for i in assignment[t.id]]
+                pending[task.remote(out, t, tile_items, cfg_ref, start, end)] = t.id
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                tid = pending.pop(ref)
+                try:
+                    outcomes.append(ray.get(ref))
+                except Exception as e:  # the worker died more often than max_retries
+                    outcomes.append(TileOutcome(tid, False, 0.0, reason=f"task lost: {type(e).__name__}: {e}"))
+            now = time.perf_counter()
+            if now - last > 5 or not (queue or pending):
+                n_ok = sum(o.ok for o in outcomes)
+                rate = len(outcomes) / max(now - t0, 1e-9)
+                say(
+                    f"[ingest] {len(outcomes)}/{len(todo)} tiles ({n_ok} ok, {len(outcomes) - n_ok} failed), "
+                    f"{rate:.2f} tiles/s"
+                )
+                last = now
+
+    # Statistics over every done tile of the cube (this run's and earlier ones').
+    status = {}
+    partials = []
+    by_id = {o.tile_id: o for o in outcomes}
+    for t in all_tiles:
+        o = by_id.get(t.id)
+        if o is not None:
+            status[t.id] = zarr_cube.DONE if o.ok else zarr_cube.FAILED
+            if o.ok:
+                partials.append(o.stats)
+        elif zarr_cube.is_done(out, t.id):
+            status[t.id] = zarr_cube.DONE
+            partials.append(_tile_stats(out, t.id))
+    report = IngestReport(
+        cube=out,
+        tiles=len(tiles),
+        done=[o.tile_id for o in outcomes if o.ok],
+        skipped=skipped,
+        failed={o.tile_id: o.reason or "" for o in outcomes if not o.ok},
+        warnings={o.tile_id: o.warnings for o in outcomes if o.warnings},
+        seconds=time.perf_counter() - t0,
+        items=len(items),
+    )
+    manifest = {
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "search": {k: v for k, v in search_meta.items() if k != "aoi"},
+        "tiles_planned": len(all_tiles),
+        "done": sorted(t for t, s in status.items() if s == zarr_cube.DONE),
+        "failed": report.failed,
+        "warnings": report.warnings,
+        "this_run": {
+            "written": report.done,
+            "skipped_done": skipped,
+            "seconds": round(report.seconds, 2),
+            "tile_seconds": {o.tile_id: round(o.seconds, 2) for o in outcomes},
+        },
+    }
+    zarr_cube.finalize(out, status, zarr_cube.reduce_stats(p for p in partials if p), manifest)
+    say("[ingest] " + report.summary())
+    return report
+
+
+def _tile_stats(cube: str, tile_id: str) -> dict | None:
+    meta = Path(cube) / "tiles" / tile_id / "zarr.json"
+    return json.loads(meta.read_text()).get("attributes", {}).get("stats")
+
+
+def cube_summary(cube: str | Path) -> str:
+    """A few lines describing a cube: tiles, dates per modality, statistics."""
+    root = zarr_cube.open_cube(cube)
+    cfg = zarr_cube.cube_config(root)
+    status = root["index/status"][:]
+    lines = [
+        f"cube {cube}",
+        f"  tiles: {len(status)} planned, {(status == zarr_cube.DONE).sum()} done, "
+        f"{(status == zarr_cube.FAILED).sum()} failed; tile {cfg.grid.tile_px}+2x{cfg.grid.halo_px} px, "
+        f"HR ratio {cfg.hr_ratio}",
+    ]
+    done = [t for t, s in zip(zarr_cube.tile_ids(root), status, strict=True) if s == zarr_cube.DONE]
+    if done:
+        ds = zarr_cube.open_tile(cube, done[len(done) // 2])
+        lines.append(
+            f"  tile {ds.attrs['tile_id']} (EPSG:{ds.attrs['epsg']}): "
+            + ", ".join(
+                f"{m} {int(ds[f'{m}_valid'].sum())}/{ds.sizes[f'time_{m}']} valid dates" for m in ("s2", "s1", "hr")
+            )
+        )
+        for name in ("s2", "s1", "hr"):
+            lines.append(f"    {name:<3} {tuple(ds[name].shape)} {ds[name].dtype}")
+    stats = dict(root.attrs.get("stats", {}))
+    for m, s in stats.items():
+        lines.append(f"  {m} mean " + " ".join(f"{v:.1f}" for v in s["mean"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(cube_summary(sys.argv[1]))
