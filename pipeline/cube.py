@@ -193,13 +193,45 @@ def _odc_load(items: list[pystac.Item], bands: list[str], geobox, resampling, dt
     )
 
 
-def _load_days(days: dict[date, list[_Candidate]], loader, warnings: list[str], what: str) -> dict[date, dict]:
-    """Load every day with ``loader(cands) -> {name: (H, W) array}``; a day whose items fail is skipped
-    with a warning naming the items and the error."""
+@dataclass(frozen=True)
+class _OdcReader:
+    """Reads any set of days with ONE odc-stac call (odc-stac groups the items by solar day itself; a call per
+    day costs ~10 ms of set-up each, which dominated a tile with 70+ candidate dates).
+
+    ``names(cands)``: the odc band names for a day's items; ``post(cands, {name: (H, W)})``: the day's result.
+    """
+
+    names: Callable[[list[_Candidate]], list[str]]
+    geobox: object
+    resampling: object
+    post: Callable[[list[_Candidate], dict[str, np.ndarray]], dict]
+    dtype: str | None = None
+
+    def __call__(self, days: dict[date, list[_Candidate]]) -> dict[date, dict]:
+        days = dict(sorted(days.items()))  # odc-stac returns the groups in time order
+        keys = {tuple(self.names(cs)) for cs in days.values()}
+        if len(keys) != 1:
+            raise ValueError("the days' items use different asset keys")
+        names = list(keys.pop())
+        items = [c.item for cs in days.values() for c in cs]
+        ds = _odc_load(items, names, self.geobox, self.resampling, self.dtype)
+        if ds.sizes["time"] != len(days):
+            raise ValueError(f"odc-stac grouped {len(items)} items into {ds.sizes['time']} days, not {len(days)}")
+        return {d: self.post(cs, {n: ds[n].values[i] for n in names}) for i, (d, cs) in enumerate(days.items())}
+
+
+def _load_days(days: dict[date, list[_Candidate]], reader, warnings: list[str], what: str) -> dict[date, dict]:
+    """Load ``days`` with ``reader(days) -> {day: result}``: all at once, and if that fails, day by day, so that
+    a day whose items cannot be read is skipped with a warning naming the items and the error."""
+    if len(days) > 1:
+        try:
+            return reader(days)
+        except Exception:  # find the bad day(s) below
+            pass
     out = {}
     for day, cands in days.items():
         try:
-            out[day] = loader(cands)
+            out.update(reader({day: cands}))
         except Exception as e:  # rasterio / GDAL raise many types for corrupt or missing files
             ids = ", ".join(c.item.id for c in cands)
             warnings.append(f"skipped {what} {day} (items {ids}): {type(e).__name__}: {str(e)[:300]}")
@@ -271,14 +303,14 @@ def assemble_s2(
     gb20 = GeoBox.from_bbox((x0, y0, x1, y1), f"EPSG:{tile.epsg}", resolution=20.0)
     probe = B.S2_SCL if has_scl else "B8A"
 
-    def load_probe(cs):
-        ref = cs[0].resolved.masks[probe] if has_scl else cs[0].resolved.bands[probe]
-        ds = _odc_load([c.item for c in cs], [_odc_band_name(ref)], gb20, RESAMPLING["classes"])
-        a = ds[_odc_band_name(ref)].values[0]
-        if has_scl:
-            return {"score": float((~np.isin(a, B.SCL_INVALID)).mean())}
-        return {"score": float((a > 0).mean())}
+    def probe_names(cs):
+        return [_odc_band_name(cs[0].resolved.masks[probe] if has_scl else cs[0].resolved.bands[probe])]
 
+    def probe_score(cs, arrs):
+        (a,) = arrs.values()
+        return {"score": float((~np.isin(a, B.SCL_INVALID) if has_scl else a > 0).mean())}
+
+    load_probe = _OdcReader(probe_names, gb20, RESAMPLING["classes"], probe_score)
     probes = _load_days(days, load_probe, warnings, "sentinel-2 date")
     scores = {d: p["score"] for d, p in probes.items()}
 
@@ -292,18 +324,22 @@ def assemble_s2(
         )
         return stack
 
-    def load_bands(cs):
+    def band_names(cs):
         refs = cs[0].resolved
         names = [_odc_band_name(refs.bands[b]) for b in B.S2_BANDS]
-        res = {nm: RESAMPLING["reflectance"] for nm in names}
+        return names + [_odc_band_name(refs.masks[B.S2_SCL])] if has_scl else names
+
+    def by_band(cs, arrs):
+        names = band_names(cs)
+        out = {b: arrs[nm] for b, nm in zip(B.S2_BANDS, names, strict=False)}
         if has_scl:
-            names.append(_odc_band_name(refs.masks[B.S2_SCL]))
-            res[names[-1]] = RESAMPLING["classes"]
-        ds = _odc_load([c.item for c in cs], names, tile.geobox(), res)
-        out = {b: ds[nm].values[0] for b, nm in zip(B.S2_BANDS, names, strict=False)}
-        if has_scl:
-            out[B.S2_SCL] = ds[names[-1]].values[0]
+            out[B.S2_SCL] = arrs[names[-1]]
         return out
+
+    # Resampling per band: reflectance bilinear, SCL nearest (odc-stac's default "*" key covers the bands).
+    scl_name = _odc_band_name(cands[0].resolved.masks[B.S2_SCL]) if has_scl else None
+    resampling = {"*": RESAMPLING["reflectance"], **({scl_name: RESAMPLING["classes"]} if scl_name else {})}
+    load_bands = _OdcReader(band_names, tile.geobox(), resampling, by_band)
 
     loaded = _choose_and_load(days, scores, choose, load_bands, warnings, "sentinel-2 date")
     for k, (day, arrs) in enumerate(loaded.items()):
@@ -419,24 +455,34 @@ def assemble_s1(
     def choose(ds: list[date], sc: list[float]) -> list[date]:
         return [ds[i] for i in select_dates(ds, sc, T, start, end, cfg.min_valid_fraction)]
 
-    def load(cs):
+    def warp_radar(cs):
+        out = {}
+        for b in B.S1_BANDS:
+            merged = np.full(tile.shape(), np.nan, np.float32)
+            for c in cs:  # same-day scenes: first valid value wins, as odc-stac's groupby does
+                ref = c.resolved.bands[b]
+                v = _to_db(_warp_gcps(ref.href, ref.band_index, tile), c.resolved.s1_values, None)
+                merged = np.where(np.isnan(merged), v, merged)
+            out[b] = merged
+        return out
+
+    def names(cs):
+        return [_odc_band_name(cs[0].resolved.bands[b]) for b in B.S1_BANDS]
+
+    def to_db(cs, arrs):
         r = cs[0].resolved
-        if r.profile.geometry == "radar":
-            out = {}
-            for b in B.S1_BANDS:
-                merged = np.full(tile.shape(), np.nan, np.float32)
-                for c in cs:  # same-day scenes: first valid value wins, as odc-stac's groupby does
-                    ref = c.resolved.bands[b]
-                    v = _to_db(_warp_gcps(ref.href, ref.band_index, tile), c.resolved.s1_values, None)
-                    merged = np.where(np.isnan(merged), v, merged)
-                out[b] = merged
-            return out
-        names = [_odc_band_name(r.bands[b]) for b in B.S1_BANDS]
-        ds = _odc_load([c.item for c in cs], names, tile.geobox(), RESAMPLING["backscatter"], dtype="float32")
         return {
-            b: _to_db(ds[nm].values[0], r.s1_values, _asset_nodata(cs[0].item, r.bands[b].asset_key))
-            for b, nm in zip(B.S1_BANDS, names, strict=True)
+            b: _to_db(arrs[nm], r.s1_values, _asset_nodata(cs[0].item, r.bands[b].asset_key))
+            for b, nm in zip(B.S1_BANDS, names(cs), strict=True)
         }
+
+    map_reader = _OdcReader(names, tile.geobox(), RESAMPLING["backscatter"], to_db, dtype="float32")
+
+    def load(days_: dict[date, list[_Candidate]]) -> dict[date, dict]:
+        radar = {d: cs for d, cs in days_.items() if cs[0].resolved.profile.geometry == "radar"}
+        mapped = {d: cs for d, cs in days_.items() if d not in radar}
+        out = {d: warp_radar(cs) for d, cs in radar.items()}
+        return {**out, **(map_reader(mapped) if mapped else {})}
 
     loaded = _choose_and_load(days, cover, choose, load, warnings, "sentinel-1 date")
     for k, (day, arrs) in enumerate(loaded.items()):
@@ -472,11 +518,13 @@ def assemble_hr(tile: Tile, cands: list[_Candidate], cfg: CubeConfig, warnings: 
         ok = [(d, v) for d, v in zip(ds, sc, strict=True) if v >= cfg.min_valid_fraction]
         return [d for d, _ in sorted(ok, key=lambda dv: (-dv[1], -dv[0].toordinal()))[:T]]
 
-    def load(cs):
-        refs = cs[0].resolved
-        names = [_odc_band_name(refs.bands[b]) for b in B.HR_BANDS]
-        ds = _odc_load([c.item for c in cs], names, tile.geobox(r), RESAMPLING["reflectance"], dtype="uint8")
-        return {b: ds[nm].values[0] for b, nm in zip(B.HR_BANDS, names, strict=True)}
+    def names(cs):
+        return [_odc_band_name(cs[0].resolved.bands[b]) for b in B.HR_BANDS]
+
+    def by_band(cs, arrs):
+        return {b: arrs[nm] for b, nm in zip(B.HR_BANDS, names(cs), strict=True)}
+
+    load = _OdcReader(names, tile.geobox(r), RESAMPLING["reflectance"], by_band, dtype="uint8")
 
     loaded = _choose_and_load(days, cover, choose, load, warnings, "high-resolution date")
     for k, (day, arrs) in enumerate(loaded.items()):
