@@ -45,7 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hr-ratio", type=int, default=d.hr_ratio, help="HR pixels per 10 m pixel")
     p.add_argument("--collections", nargs="+", help="default: every collection a provider profile maps")
     p.add_argument("--provider", default="auto", choices=["auto", *PROFILES])
-    p.add_argument("--cpus-per-tile", type=float, default=0.5, help="Ray CPUs per tile task (fractional)")
+    p.add_argument(
+        "--cpus-per-tile",
+        type=float,
+        default=0.9,
+        help="Ray CPUs per tile task. Fractional, so small tasks of other stages still fit; a tile is CPU-bound "
+        "(decompression, warping), so one per core is faster than two (bench/ingest.py)",
+    )
     p.add_argument(
         "--ray-address",
         default=None,

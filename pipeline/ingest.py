@@ -134,7 +134,7 @@ def run_ingest(
     *,
     collections: Sequence[str] | None = None,
     ray_address: str | None = None,
-    cpus_per_tile: float = 0.5,
+    cpus_per_tile: float = 0.9,
     max_in_flight: int | None = None,
     progress: Callable[[str], None] | None = print,
     tile_filter: Callable[[Tile], bool] | None = None,

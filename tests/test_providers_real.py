@@ -147,3 +147,20 @@ def test_missing_band_names_item_and_band(items):
         resolve_item(broken)
     with pytest.raises(MissingBandError, match="no band 'B01'"):
         resolve_item(s2, bands=("B01",))
+
+
+def test_s2_reflectance_offset_of_real_items(items):
+    """Baseline >= 04.00 products add 1000 to DN: Planetary Computer says so with s2:processing_baseline,
+    Earth Search v1 with raster:bands offset/scale; both must give -1000, older products 0."""
+    from pipeline.cube import s2_dn_offset
+
+    pc = [d for _, d in items if d.get("collection") == "sentinel-2-l2a" and "B04" in d["assets"]]
+    es = [d for _, d in items if d.get("collection") == "sentinel-2-l2a" and "red" in d["assets"]]
+    assert pc and es
+    for d in pc:
+        it = pystac.Item.from_dict(copy.deepcopy(d))
+        expect = -1000 if float(d["properties"]["s2:processing_baseline"]) >= 4 else 0
+        assert s2_dn_offset(it, "B04") == expect, (d["id"], d["properties"]["s2:processing_baseline"])
+    assert {s2_dn_offset(pystac.Item.from_dict(copy.deepcopy(d)), "B04") for d in pc} >= {-1000}
+    for d in es:
+        assert s2_dn_offset(pystac.Item.from_dict(copy.deepcopy(d)), "red") == -1000
