@@ -76,6 +76,30 @@ class ModalityStack:
     present: bool  # any item of this modality over the tile
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. SCL (T, H, W)
 
+    @classmethod
+    def empty(cls, name: str, t: int, bands: int, n: int, dtype, fill, present: bool, **extra) -> ModalityStack:
+        """``t`` padded date slots of ``bands`` x ``n`` x ``n`` pixels filled with ``fill``, all invalid."""
+        return cls(
+            name,
+            np.full((t, bands, n, n), fill, dtype),
+            np.zeros((t, n, n), np.uint8),
+            [None] * t,
+            np.zeros(t, bool),
+            [[] for _ in range(t)],
+            present,
+            extra,
+        )
+
+    def put(
+        self, k: int, day: date, data: np.ndarray, mask: np.ndarray, item_ids: list[str], min_valid_fraction: float
+    ) -> None:
+        """Fill date slot ``k``; the date is valid when enough of its pixels are."""
+        self.data[k] = data
+        self.mask[k] = mask
+        self.dates[k] = day
+        self.valid[k] = mask.mean() >= min_valid_fraction
+        self.item_ids[k] = item_ids
+
 
 @dataclass
 class TileSample:
@@ -282,15 +306,8 @@ def assemble_s2(
 ) -> ModalityStack:
     n = tile.shape()[0]
     T = cfg.t_s2
-    stack = ModalityStack(
-        B.S2,
-        np.zeros((T, len(B.S2_BANDS), n, n), np.uint16),
-        np.zeros((T, n, n), np.uint8),
-        [None] * T,
-        np.zeros(T, bool),
-        [[] for _ in range(T)],
-        bool(cands),
-        {"scl": np.zeros((T, n, n), np.uint8)},
+    stack = ModalityStack.empty(
+        B.S2, T, len(B.S2_BANDS), n, np.uint16, 0, bool(cands), scl=np.zeros((T, n, n), np.uint8)
     )
     if not cands:
         return stack
@@ -355,11 +372,7 @@ def assemble_s2(
             scl = arrs[B.S2_SCL]
             stack.extra["scl"][k] = scl
             mask &= ~np.isin(scl, B.SCL_INVALID)
-        stack.data[k] = data.astype(np.uint16)
-        stack.mask[k] = mask
-        stack.dates[k] = day
-        stack.valid[k] = mask.mean() >= cfg.min_valid_fraction
-        stack.item_ids[k] = [c.item.id for c in cs]
+        stack.put(k, day, data.astype(np.uint16), mask, [c.item.id for c in cs], cfg.min_valid_fraction)
     return stack
 
 
@@ -438,15 +451,7 @@ def assemble_s1(
 ) -> ModalityStack:
     n = tile.shape()[0]
     T = cfg.t_s1
-    stack = ModalityStack(
-        B.S1,
-        np.full((T, 2, n, n), np.nan, np.float32),
-        np.zeros((T, n, n), np.uint8),
-        [None] * T,
-        np.zeros(T, bool),
-        [[] for _ in range(T)],
-        bool(cands),
-    )
+    stack = ModalityStack.empty(B.S1, T, len(B.S1_BANDS), n, np.float32, np.nan, bool(cands))
     if not cands:
         return stack
     days = _by_day(cands)
@@ -488,11 +493,7 @@ def assemble_s1(
     for k, (day, arrs) in enumerate(loaded.items()):
         data = np.stack([arrs[b] for b in B.S1_BANDS])
         mask = np.isfinite(data).all(axis=0)
-        stack.data[k] = data
-        stack.mask[k] = mask
-        stack.dates[k] = day
-        stack.valid[k] = mask.mean() >= cfg.min_valid_fraction
-        stack.item_ids[k] = [c.item.id for c in days[day]]
+        stack.put(k, day, data, mask, [c.item.id for c in days[day]], cfg.min_valid_fraction)
     return stack
 
 
@@ -500,15 +501,7 @@ def assemble_hr(tile: Tile, cands: list[_Candidate], cfg: CubeConfig, warnings: 
     r = cfg.hr_ratio
     n = tile.shape(r)[0]
     T = cfg.t_hr
-    stack = ModalityStack(
-        B.HR,
-        np.zeros((T, len(B.HR_BANDS), n, n), np.uint8),
-        np.zeros((T, n, n), np.uint8),
-        [None] * T,
-        np.zeros(T, bool),
-        [[] for _ in range(T)],
-        bool(cands),
-    )
+    stack = ModalityStack.empty(B.HR, T, len(B.HR_BANDS), n, np.uint8, 0, bool(cands))
     if not cands:
         return stack
     days = _by_day(cands)
@@ -530,11 +523,7 @@ def assemble_hr(tile: Tile, cands: list[_Candidate], cfg: CubeConfig, warnings: 
     for k, (day, arrs) in enumerate(loaded.items()):
         data = np.stack([arrs[b] for b in B.HR_BANDS])
         mask = (data > 0).any(axis=0)
-        stack.data[k] = data
-        stack.mask[k] = mask
-        stack.dates[k] = day
-        stack.valid[k] = mask.mean() >= cfg.min_valid_fraction
-        stack.item_ids[k] = [c.item.id for c in days[day]]
+        stack.put(k, day, data, mask, [c.item.id for c in days[day]], cfg.min_valid_fraction)
     return stack
 
 

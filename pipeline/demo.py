@@ -725,6 +725,19 @@ def _add_asset(
         EOExtension.ext(asset, add_if_missing=True).bands = eo_bands
 
 
+def s2_eo_bands(band: str) -> list[Band]:
+    """The ``eo:bands`` entry of one Sentinel-2 band asset, from :data:`pipeline.bands.S2_BAND_INFO`."""
+    info = B.S2_BAND_INFO[band]
+    return [
+        Band.create(
+            name=band,
+            common_name=info.common_name,
+            center_wavelength=info.center_wavelength_um,
+            full_width_half_max=info.fwhm_um,
+        )
+    ]
+
+
 def s2_item_id(day: date, index: int) -> str:
     sat = "S2A" if index % 2 == 0 else "S2B"
     return f"{sat}_MSIL2A_{day:%Y%m%d}T102021_R108_T32TMR_{day:%Y%m%d}T150000"
@@ -761,14 +774,7 @@ def write_s2_item(cfg: DemoConfig, acq: S2Acquisition, index: int, root: Path) -
         raster = RasterBand.create(
             nodata=0, data_type=DataType.UINT16, spatial_resolution=res, scale=0.0001, offset=0.0
         )
-        eo = [
-            Band.create(
-                name=band,
-                common_name=info.common_name,
-                center_wavelength=info.center_wavelength_um,
-                full_width_half_max=info.fwhm_um,
-            )
-        ]
+        eo = s2_eo_bands(band)
         _add_asset(
             item,
             band,

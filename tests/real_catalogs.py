@@ -36,6 +36,7 @@ from rasterio.crs import CRS
 from shapely.geometry import box, mapping
 
 from pipeline import bands as B
+from pipeline.demo import s2_eo_bands
 from pipeline.providers import LOCAL_PROVIDER_NAME
 
 S2_COLLECTION = "sentinel-2-l2a"
@@ -185,18 +186,10 @@ def _bigearthnet_s2_item(folder: Path) -> pystac.Item:
     item.properties["bigearthnet:labels"] = list(meta["labels"])
     item.properties["bigearthnet:tile_source"] = meta.get("tile_source")
     for band in B.S2_BANDS:  # B01 and B09 (60 m) are not model bands
-        info = B.S2_BAND_INFO[band]
         path = folder / f"{name}_{band}.tif"
         with rasterio.open(path) as src:
             raster = _raster_band(src, DataType.UINT16)
-        eo = [
-            Band.create(
-                name=band,
-                common_name=info.common_name,
-                center_wavelength=info.center_wavelength_um,
-                full_width_half_max=info.fwhm_um,
-            )
-        ]
+        eo = s2_eo_bands(band)
         _add_file_asset(
             item,
             band,

@@ -21,7 +21,6 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 from rasterio.enums import Resampling
-from rasterio.warp import reproject
 
 from pipeline import bands as B
 from pipeline import demo, zarr_cube
@@ -29,6 +28,7 @@ from pipeline.cube import CubeConfig
 from pipeline.grid import TileGrid, load_aoi, parse_tile_id, tiles_for_aoi
 from pipeline.ingest import run_ingest
 from pipeline.stac import EmptySearchError, SearchQuery, StaticCatalogSource
+from tests.raster_ref import reproject_to_tile
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = CubeConfig(grid=TileGrid(64, 8), t_s2=8, t_s1=4, t_hr=1, hr_ratio=8)
@@ -117,29 +117,11 @@ def test_values_equal_direct_reads_of_the_source_cogs(demo_cube, demo_region):
             for band in ("B04", "B08"):  # native 10 m: exactly the source pixels
                 np.testing.assert_array_equal(ds.s2.sel(band_s2=band).values[k], _window_read(it.assets[band].href, t))
             for band in ("B05", "B11"):  # native 20 m: the stated rule (bilinear) onto the tile grid
-                with rasterio.open(it.assets[band].href) as src:
-                    ref = np.zeros(t.shape(), np.uint16)
-                    reproject(
-                        rasterio.band(src, 1),
-                        ref,
-                        dst_transform=t.transform(),
-                        dst_crs=src.crs,
-                        resampling=Resampling.bilinear,
-                        src_nodata=0,
-                        dst_nodata=0,
-                    )
+                ref = reproject_to_tile(it.assets[band].href, t, src_nodata=0)
                 np.testing.assert_array_equal(ds.s2.sel(band_s2=band).values[k], ref)
-            scl = np.zeros(t.shape(), np.uint8)
-            with rasterio.open(it.assets["SCL"].href) as src:
-                reproject(
-                    rasterio.band(src, 1),
-                    scl,
-                    dst_transform=t.transform(),
-                    dst_crs=src.crs,
-                    resampling=Resampling.nearest,
-                    src_nodata=0,
-                    dst_nodata=0,
-                )
+            scl = reproject_to_tile(
+                it.assets["SCL"].href, t, dtype=np.uint8, resampling=Resampling.nearest, src_nodata=0
+            )
             np.testing.assert_array_equal(ds.s2_scl.values[k], scl)
             checked += 1
         for k in range(CFG.t_s1):
@@ -218,17 +200,9 @@ def test_all_cloudy_season_still_writes_the_tile(tmp_path, demo_region, ray_loca
     )
 
     def clear_fraction(it) -> float:
-        scl = np.zeros(tile.shape(), np.uint8)
-        with rasterio.open(it.assets["SCL"].href) as src:
-            reproject(
-                rasterio.band(src, 1),
-                scl,
-                dst_transform=tile.transform(),
-                dst_crs=src.crs,
-                resampling=Resampling.nearest,
-                src_nodata=0,
-                dst_nodata=0,
-            )
+        scl = reproject_to_tile(
+            it.assets["SCL"].href, tile, dtype=np.uint8, resampling=Resampling.nearest, src_nodata=0
+        )
         return float((~np.isin(scl, B.SCL_INVALID)).mean())
 
     overcast = [it for it in items if clear_fraction(it) < CFG.min_valid_fraction]
