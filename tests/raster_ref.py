@@ -39,9 +39,9 @@ def reproject_to_tile(
 
 def exact_bilinear(href: str, tile: Tile, *, band: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact bilinear interpolation of a source band at the tile's pixel centres (pyproj for the coordinates,
-    numpy for the interpolation: no GDAL warp approximation). Returns (values, local gradient, inside): the
-    gradient is the largest difference between the four source neighbours, i.e. how much a position error of
-    one source pixel could change the value; ``inside`` marks pixels with all four neighbours in the source."""
+    numpy for the interpolation: no GDAL warp approximation). Returns (values, local range, inside): the range
+    of the 4 x 4 source pixels around each point bounds how much a position error of up to one source pixel
+    can change the value; ``inside`` marks pixels with all four interpolation neighbours in the source."""
     from pyproj import Transformer
 
     with rasterio.open(href) as src:
@@ -59,4 +59,10 @@ def exact_bilinear(href: str, tile: Tile, *, band: int = 1) -> tuple[np.ndarray,
     wc, wr = fc - c0, fr - r0
     q = np.stack([a[r0, c0], a[r0, c0 + 1], a[r0 + 1, c0], a[r0 + 1, c0 + 1]])
     values = q[0] * (1 - wc) * (1 - wr) + q[1] * wc * (1 - wr) + q[2] * (1 - wc) * wr + q[3] * wc * wr
-    return values, q.max(axis=0) - q.min(axis=0), inside
+    # A small position error can move the interpolation into a neighbouring cell: bound the change by the
+    # range of the 4 x 4 source pixels around the point (edge-clamped).
+    rr = np.clip(r0[None] + np.arange(-1, 3)[:, None, None], 0, a.shape[0] - 1)
+    cc = np.clip(c0[None] + np.arange(-1, 3)[:, None, None], 0, a.shape[1] - 1)
+    block = a[rr[:, None], cc[None, :]]  # (4, 4, n, n)
+    grad = block.max(axis=(0, 1)) - block.min(axis=(0, 1))
+    return values, grad, inside

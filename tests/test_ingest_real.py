@@ -77,12 +77,12 @@ def test_bigearthnet_cube_equals_the_sources(real_data, tmp_path, ray_local):
                 got = ds.s2.sel(band_s2=band).values[k]
                 ref = reproject_to_tile(it.assets[band].href, tile)
                 if not same_crs:
-                    # Reprojected across zones. What holds with odc-loader 0.6.5: every value stays within its
-                    # source neighbourhood (|got - exact bilinear| <= 2 x local gradient + 1) and the median
-                    # deviation is small; the stricter bound a direct GDAL warp meets is the xfail test below.
+                    # Reprojected across zones: bilinear as stated, up to GDAL's approximate transformer (error
+                    # threshold 1/8 pixel in each axis, so at most 1/4 of the local 4x4 source range) from the
+                    # exact bilinear value (exact_bilinear has no approximation).
                     exact, grad, interior = exact_bilinear(it.assets[band].href, tile)
                     ratio = np.abs(got.astype(float) - exact)[interior] / (grad[interior] + 1)
-                    assert ratio.max() <= 2 and np.median(ratio) < 0.1, (tid, it.id, band, ratio.max())
+                    assert ratio.max() <= 0.25, (tid, it.id, band, ratio.max())
                     reprojected_px += int(interior.sum())
                 elif B.S2_BAND_INFO[band].native_resolution_m == 10:
                     np.testing.assert_array_equal(got[inside], ref[inside], err_msg=f"{tid} {it.id} {band}")
@@ -297,15 +297,15 @@ def test_ingest_through_ray_job_submit(ray_head, demo_region, tmp_path):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap: odc-loader 0.6.5 warps this cross-zone 10 m -> 10 m case up to "
-    "1.65x the local source gradient away from exact bilinear (p99 0.61); a direct GDAL warp of the "
-    "same band stays within 0.25x. Fix: bypass or fix odc-loader's reprojection path.",
+    reason="odc-loader 0.6.5 warps this cross-zone 10 m case up to 0.26 of the local source range from exact "
+    "bilinear, beyond GDAL's 1/8-pixel approximation (0.25), so pipeline.cube warps cross-CRS items with GDAL "
+    "directly (<= 0.16). When this passes, odc-loader is fixed: drop the workaround (_OdcReader._warp_day).",
 )
-def test_cross_zone_warp_is_bilinear_within_a_quarter_pixel(real_data, tmp_path):
+def test_odc_loader_cross_zone_warp_still_needs_the_workaround(real_data, tmp_path):
     import odc.stac
 
     cat = bigearthnet_catalog(real_data, tmp_path / "ben")
-    it = _items(cat)["S2B_MSIL2A_20180204T94161_57_38"]  # delivered in zone 35, east of 30 E: zone-36 tiles
+    it = _items(cat)["S2B_MSIL2A_20180204T94161_57_38"]
     tile = parse_tile_id("36N_0282_5432", TileGrid(128, 8))
     ds = odc.stac.load([it], bands=["B02"], geobox=tile.geobox(), resampling="bilinear", chunks=None)
     exact, grad, inside = exact_bilinear(it.assets["B02"].href, tile)
