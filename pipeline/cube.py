@@ -30,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta, timezone
+from functools import cached_property
 
 import numpy as np
 import pystac
@@ -109,6 +110,7 @@ class TileSample:
     hr: ModalityStack
     warnings: list[str]
 
+    @cached_property
     def stats(self) -> dict[str, dict[str, list[float]]]:
         """Per band count / sum / sum of squares of valid core pixels, for cube-wide normalisation."""
         out = {}
@@ -158,6 +160,15 @@ def select_dates(
     rest = sorted((i for i in ok if i not in chosen), key=lambda i: (-score[i], days[i].toordinal()))
     chosen += rest[: t_max - len(chosen)]
     return sorted(chosen, key=lambda i: days[i])
+
+
+def spread_chooser(t_max: int, start: date, end: date, min_score: float):
+    """``choose(days, scores) -> days``: :func:`select_dates` over [start, end], as dates."""
+
+    def choose(ds: list[date], sc: list[float]) -> list[date]:
+        return [ds[i] for i in select_dates(ds, sc, t_max, start, end, min_score)]
+
+    return choose
 
 
 def coverage(item: pystac.Item, tile: Tile) -> float:
@@ -366,10 +377,15 @@ def _choose_and_load(
         excluded |= failed
 
 
+def _raster_band(item: pystac.Item, asset_key: str) -> dict:
+    """The first ``raster:bands`` entry of an asset ({} when the asset or the field is missing)."""
+    asset = item.assets.get(asset_key)
+    return (asset.extra_fields.get("raster:bands") or [{}])[0] if asset else {}
+
+
 def s2_dn_offset(item: pystac.Item, asset_key: str) -> int:
     """Offset to add to Sentinel-2 DN to get reflectance x 1e4 (baseline >= 04.00 products add 1000)."""
-    asset = item.assets.get(asset_key)
-    rb = (asset.extra_fields.get("raster:bands") or [{}])[0] if asset else {}
+    rb = _raster_band(item, asset_key)
     if "offset" in rb and rb.get("scale"):
         return int(round(float(rb["offset"]) / float(rb["scale"])))
     baseline = item.properties.get("s2:processing_baseline")
@@ -411,9 +427,7 @@ def assemble_s2(
     probes = _load_days(days, load_probe, warnings, "sentinel-2 date")
     scores = {d: p["score"] for d, p in probes.items()}
 
-    def choose(ds: list[date], sc: list[float]) -> list[date]:
-        return [ds[i] for i in select_dates(ds, sc, T, start, end, cfg.min_valid_fraction)]
-
+    choose = spread_chooser(T, start, end, cfg.min_valid_fraction)
     if not choose(list(scores), list(scores.values())):
         warnings.append(
             f"sentinel-2: no date with at least {cfg.min_valid_fraction:.0%} clear pixels "
@@ -475,11 +489,6 @@ def _to_db(values: np.ndarray, kind: str, nodata: float | None) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _asset_nodata(item: pystac.Item, key: str) -> float | None:
-    rb = (item.assets[key].extra_fields.get("raster:bands") or [{}])[0]
-    return rb.get("nodata")
-
-
 def _warp_gcps(href: str, band_index: int, tile: Tile) -> np.ndarray:
     """A radar-geometry raster (georeferenced only by ground control points) warped bilinearly onto the tile
     grid: the source window the tile needs is found by inverting the GCP transform (rasterio's
@@ -537,8 +546,7 @@ def assemble_s1(
     days = _by_day(cands)
     cover = {d: max(coverage(c.item, tile) for c in days[d]) for d in days}
 
-    def choose(ds: list[date], sc: list[float]) -> list[date]:
-        return [ds[i] for i in select_dates(ds, sc, T, start, end, cfg.min_valid_fraction)]
+    choose = spread_chooser(T, start, end, cfg.min_valid_fraction)
 
     def warp_radar(cs):
         out = {}
@@ -557,7 +565,7 @@ def assemble_s1(
     def to_db(cs, arrs):
         r = cs[0].resolved
         return {
-            b: _to_db(arrs[nm], r.s1_values, _asset_nodata(cs[0].item, r.bands[b].asset_key))
+            b: _to_db(arrs[nm], r.s1_values, _raster_band(cs[0].item, r.bands[b].asset_key).get("nodata"))
             for b, nm in zip(B.S1_BANDS, names(cs), strict=True)
         }
 

@@ -42,9 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pystac
-import shapely
 from affine import Affine
-from pyproj import Transformer
 from pystac.extensions.eo import Band, EOExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
@@ -55,6 +53,7 @@ from shapely.geometry import box, mapping
 
 from pipeline import bands as B
 from pipeline.cog import write_cog
+from pipeline.grid import to_lonlat
 from pipeline.providers import DEMO_PROVIDER_NAME
 
 log = logging.getLogger(__name__)
@@ -647,11 +646,6 @@ def render_hr(scene: Scene, day: date, index: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- STAC
 
 
-def _to_lonlat(cfg: DemoConfig):
-    t = Transformer.from_crs(cfg.epsg, 4326, always_xy=True)
-    return lambda geom: shapely.transform(geom, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
-
-
 def _footprint(cfg: DemoConfig, valid: np.ndarray | None = None):
     x0, y1 = cfg.origin_xy
     L = cfg.extent_m
@@ -667,7 +661,7 @@ def _footprint(cfg: DemoConfig, valid: np.ndarray | None = None):
             if v == 1
         ]
         geom = unary_union(shapes).simplify(10.0)
-    return _to_lonlat(cfg)(geom)
+    return to_lonlat(geom, cfg.epsg)
 
 
 def region_bbox(cfg: DemoConfig) -> tuple[float, float, float, float]:

@@ -76,6 +76,11 @@ def _reproject(geom, transformer: Transformer):
     return shapely.transform(geom, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
 
 
+def to_lonlat(geom, epsg: int):
+    """A shapely geometry in EPSG:``epsg`` (x, y order) reprojected to lon/lat."""
+    return _reproject(geom, _to_lonlat(epsg))
+
+
 @dataclass(frozen=True)
 class Tile:
     zone: int
@@ -123,11 +128,12 @@ class Tile:
 
         return GeoBox(self.shape(ratio), self.transform(ratio), f"EPSG:{self.epsg}")
 
+    @lru_cache(maxsize=4096)  # noqa: B019  (tiles are immutable and few per process; every date asks)
     def footprint_lonlat(self, halo: bool = True):
         x0, y0, x1, y1 = self.bounds() if halo else self.core_bounds()
         # Densify the edges: a UTM square is not a lon/lat rectangle.
         box = shapely.segmentize(shapely.geometry.box(x0, y0, x1, y1), (x1 - x0) / 8)
-        return _reproject(box, _to_lonlat(self.epsg))
+        return to_lonlat(box, self.epsg)
 
     def center_lonlat(self) -> tuple[float, float]:
         x0, y0, x1, y1 = self.core_bounds()

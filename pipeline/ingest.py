@@ -10,7 +10,6 @@ and ``manifest.json`` are written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -84,7 +83,7 @@ def ingest_tile(
     try:
         sample = assemble_tile(tile, items, cfg, start, end)
         zarr_cube.write_tile(cube, sample, cfg)
-        return TileOutcome(tile.id, True, time.perf_counter() - t0, warnings=sample.warnings, stats=sample.stats())
+        return TileOutcome(tile.id, True, time.perf_counter() - t0, warnings=sample.warnings, stats=sample.stats)
     except Exception as e:  # a tile's failure must not take the run down
         reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
         return TileOutcome(tile.id, False, time.perf_counter() - t0, reason=reason)
@@ -160,9 +159,8 @@ def run_ingest(
         )
     window = f"{start.isoformat()}/{end.isoformat()}"
     items = search(source, collections=cols, intersects=shapely.geometry.mapping(aoi), datetime=window)
-    tiles = tiles_for_aoi(aoi, cfg.grid)
-    if tile_filter is not None:
-        tiles = [t for t in tiles if tile_filter(t)]
+    all_tiles = tiles_for_aoi(aoi, cfg.grid)
+    tiles = [t for t in all_tiles if tile_filter(t)] if tile_filter is not None else all_tiles
     say(
         f"[ingest] {len(items)} items in {', '.join(cols)} over {window}; {len(tiles)} tiles of "
         f"{cfg.grid.tile_px}+2x{cfg.grid.halo_px} px"
@@ -174,7 +172,6 @@ def run_ingest(
         "end": end.isoformat(),
         "aoi": shapely.geometry.mapping(aoi),
     }
-    all_tiles = tiles_for_aoi(aoi, cfg.grid)
     zarr_cube.create_or_open(out, cfg, all_tiles, search_meta)
 
     with ThreadPoolExecutor(8) as pool:
@@ -227,9 +224,9 @@ def run_ingest(
             status[t.id] = zarr_cube.DONE if o.ok else zarr_cube.FAILED
             if o.ok:
                 partials.append(o.stats)
-        elif zarr_cube.is_done(out, t.id):
+        elif (attrs := zarr_cube.tile_attrs(out, t.id)).get(zarr_cube.DONE_ATTR):
             status[t.id] = zarr_cube.DONE
-            partials.append(_tile_stats(out, t.id))
+            partials.append(attrs.get("stats"))
     report = IngestReport(
         cube=out,
         tiles=len(tiles),
@@ -257,11 +254,6 @@ def run_ingest(
     zarr_cube.finalize(out, status, zarr_cube.reduce_stats(p for p in partials if p), manifest)
     say("[ingest] " + report.summary())
     return report
-
-
-def _tile_stats(cube: str, tile_id: str) -> dict | None:
-    meta = Path(cube) / "tiles" / tile_id / "zarr.json"
-    return json.loads(meta.read_text()).get("attributes", {}).get("stats")
 
 
 def cube_summary(cube: str | Path) -> str:

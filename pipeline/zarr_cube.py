@@ -155,15 +155,19 @@ def tile_ids(root: zarr.Group) -> list[str]:
     return [t.id for t in tiles_of(root)]
 
 
+def tile_attrs(path: str | Path, tile_id: str) -> dict:
+    """A tile group's attributes read straight from its zarr.json ({} if absent or unreadable): one small
+    read, used for the done marker and the stored statistics."""
+    meta = Path(path) / "tiles" / tile_id / "zarr.json"
+    try:
+        return json.loads(meta.read_text()).get("attributes", {})
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return {}
+
+
 def is_done(path: str | Path, tile_id: str) -> bool:
     """The per-tile done marker (a re-run trusts nothing else)."""
-    meta = Path(path) / "tiles" / tile_id / "zarr.json"
-    if not meta.exists():
-        return False
-    try:
-        return bool(json.loads(meta.read_text()).get("attributes", {}).get(DONE_ATTR))
-    except (json.JSONDecodeError, OSError):
-        return False
+    return bool(tile_attrs(path, tile_id).get(DONE_ATTR))
 
 
 def _times(dates: Sequence[date | None]) -> np.ndarray:
@@ -246,7 +250,7 @@ def to_dataset(sample: TileSample, cfg: CubeConfig) -> xr.Dataset:
             "present": {B.S2: sample.s2.present, B.S1: sample.s1.present, B.HR: sample.hr.present},
             "items": {s.name: s.item_ids for s in (sample.s2, sample.s1, sample.hr)},
             "warnings": sample.warnings,
-            "stats": sample.stats(),
+            "stats": sample.stats,
         }
     )
     return ds
@@ -275,12 +279,6 @@ def open_tile(path: str | Path, tile_id: str) -> xr.Dataset:
     if not is_done(path, tile_id):
         raise CubeError(f"tile {tile_id} is not (completely) written in {path}")
     return xr.open_zarr(str(path), group=tile_group(tile_id), zarr_format=3, consolidated=False)
-
-
-def read_tile_arrays(path: str | Path, tile_id: str, arrays: Iterable[str]) -> dict[str, np.ndarray]:
-    """Raw arrays of a tile with zarr alone (the fast path for Ray workers)."""
-    g = zarr.open_group(str(path), path=tile_group(tile_id), mode="r", zarr_format=3)
-    return {a: g[a][...] for a in arrays}
 
 
 def reduce_stats(partials: Iterable[Mapping]) -> dict[str, dict[str, list[float]]]:
