@@ -25,12 +25,13 @@ from torch import nn
 
 __all__ = ["GeoContextPrototypes", "region_index", "sinkhorn_knopp"]
 
-# Default Sinkhorn iterations. SwAV uses 3, which is enough when the scores / epsilon spread little (cosines of
-# random 1024-d vectors: columns within 1e-3 after one iteration), but not for cosines of random vectors in
-# 32 dimensions (12 % column error after 3). Measured worst case over 5 seeds for the columns to hold to 1e-2
-# relative, epsilon 0.05, random unit vectors, N >= 2K: d=32 needs 9, d=64 needs 7, d=128 needs 4 iterations.
-# An iteration is two log-sum-exps over an (N, K) matrix, negligible next to the network.
-DEFAULT_SINKHORN_ITERATIONS = 10
+# Default Sinkhorn iterations (ours). SwAV uses 3, which is enough when scores / epsilon spread little (cosines of
+# random 1024-d vectors: columns within 1e-3 after one iteration) but not for cosines of random vectors in 32
+# dimensions (~12 % column error after 3). Iterations needed for the columns to hold to 1e-2 relative, epsilon
+# 0.05, cosines of random unit vectors, K in {32, 100}, worst of 40 seeds: N >= 2K: 26 (d=16), 17 (d=32),
+# 11 (d=64), 6 (d=128); N >= 5K: 17 (d=16), 10 (d=32), 7 (d=64). 20 covers d >= 32 with N >= 2K and d >= 16 with
+# N >= 5K. An iteration is two log-sum-exps over an (N, K) matrix: negligible next to the network.
+DEFAULT_SINKHORN_ITERATIONS = 20
 
 
 def _distributed(flag: bool) -> bool:
@@ -90,6 +91,29 @@ def region_index(
 # ------------------------------------------------------------------------------------------------------------
 
 
+# Largest spread (max - min) of scores / epsilon within one problem for which the plain exp-domain iteration is
+# safe in float32: exp(-80) = 1.8e-35 is still a normal float, so after subtracting the max no row or column of
+# exp() underflows to all zeros, and from then on every normalisation leaves sums in [1/K, N] (see _sinkhorn).
+# Cosine scores span at most 2, i.e. 40 at epsilon 0.05: the log domain is only for exotic inputs (scores * 1000).
+_EXP_DOMAIN_MAX_SPREAD = 80.0
+
+
+def _all_reduce(t: torch.Tensor, op, distributed: bool) -> torch.Tensor:
+    if distributed:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def _nonzero(t: torch.Tensor) -> torch.Tensor:
+    """t with zeros replaced by 1: the divisor of a normalisation whose rows / columns are empty (masked rows, empty
+    problems), which therefore stay 0 instead of becoming 0 / 0 = NaN."""
+    return torch.where(t > 0, t, torch.ones_like(t))
+
+
+def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
 def _column_logsumexp(logits: torch.Tensor, distributed: bool) -> torch.Tensor:
     """log(sum over dim 1 of exp(logits)) for ``logits`` (G, N, K) -> (G, K), over all ranks when
     ``distributed``; -inf for a column with no finite entry (on any rank)."""
@@ -98,42 +122,67 @@ def _column_logsumexp(logits: torch.Tensor, distributed: bool) -> torch.Tensor:
     g, n, k = logits.shape
     # max first so that exp() never overflows; the max has to be the global one for the sums to add up
     m = logits.amax(dim=1) if n else logits.new_full((g, k), -math.inf)
-    dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = (logits - m_safe[:, None, :]).exp().sum(dim=1)
-    dist.all_reduce(s, op=dist.ReduceOp.SUM)
+    m_safe = _finite_or_zero(_all_reduce(m, dist.ReduceOp.MAX, True))
+    s = _all_reduce((logits - m_safe[:, None, :]).exp().sum(dim=1), dist.ReduceOp.SUM, True)
     return s.log() + m_safe
 
 
-def _sinkhorn_log(
-    logits: torch.Tensor, mask: torch.Tensor | None, iterations: int, distributed: bool
+def _sinkhorn(
+    logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    iterations: int,
+    distributed: bool,
+    log_domain: bool | None = None,
 ) -> torch.Tensor:
-    """Batched, masked Sinkhorn-Knopp in the log domain.
+    """Batched, masked Sinkhorn-Knopp (SwAV's iteration).
 
     logits (G, N, K) float32 = scores / epsilon; mask (G, N) bool, False rows take no part (their output rows are
-    0); G independent problems, each with its own number of valid rows n_g. Returns Q (G, N, K): every valid row
-    sums to 1, every column of problem g sums to n_g / K up to convergence. With ``distributed`` the column
-    statistics and n_g are summed over ranks, so the problems are those of the rows of all ranks together.
+    0); G independent problems, each with its own number of valid rows n_g. ``iterations`` times: scale every
+    column to sum to n_g / K, then every row to sum to 1. Returns Q (G, N, K). With ``distributed`` the column
+    sums, n_g and the max / min are reduced over ranks: the problems are those of the rows of all ranks together.
+
+    Two equivalent evaluations, chosen automatically (``log_domain=None``) and the same on every rank:
+    - exp domain (SwAV): Q = exp(logits - max of the problem), then divisions by row / column sums; no
+      transcendental function per iteration. Used when max - min of every problem is <= _EXP_DOMAIN_MAX_SPREAD:
+      then exp() has no underflow, the column step makes each column sum n_g / K > 0 and each row sum <= N, the
+      row step makes each row sum 1 and each column sum >= 1/K, so no sum is ever 0 or overflows.
+    - log domain: the same normalisations as log-sum-exps (each subtracts its own max), for any spread: with
+      scores * 1000 whole columns of exp() would underflow to 0 and the exp domain would return 0 / 0 = NaN.
     """
     g, n, k = logits.shape
-    if mask is not None:
-        logits = logits.masked_fill(~mask[:, :, None], -math.inf)
-        count = mask.sum(dim=1).to(torch.float32)
+    device = logits.device
+    if mask is None:
+        mask = torch.ones(g, n, dtype=torch.bool, device=device)
+    valid = mask[:, :, None]
+    count = _all_reduce(mask.sum(dim=1).to(torch.float32), dist.ReduceOp.SUM, distributed)  # (G,) n_g
+    target = (count / k)[:, None, None]  # (G, 1, 1) column target n_g / K
+    # per-problem max and min over valid entries (over all ranks): the shift and the spread
+    if n:
+        hi = logits.masked_fill(~valid, -math.inf).amax(dim=(1, 2))
+        neg_lo = (-logits).masked_fill(~valid, -math.inf).amax(dim=(1, 2))
     else:
-        count = torch.full((g,), float(n), dtype=torch.float32, device=logits.device)
-    if distributed:
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-    # log of the column target n_g / K; 0 for an empty problem, whose entries all stay -inf anyway
-    log_target = torch.where(count > 0, torch.log(count.clamp_min(1) / k), torch.zeros_like(count))
+        hi = neg_lo = logits.new_full((g,), -math.inf)
+    ext = _all_reduce(torch.stack([hi, neg_lo]), dist.ReduceOp.MAX, distributed)
+    hi = _finite_or_zero(ext[0])  # empty problems: shift by 0, their entries are masked out anyway
+    if log_domain is None:
+        spread = torch.where(count > 0, ext[0] + ext[1], torch.zeros_like(count))
+        log_domain = bool((spread > _EXP_DOMAIN_MAX_SPREAD).any())
+    logits = (logits - hi[:, None, None]).masked_fill(~valid, -math.inf)
+
+    if not log_domain:
+        q = logits.exp()  # entries in [exp(-spread), 1]; masked entries exp(-inf) = 0
+        for _ in range(iterations):
+            col = _all_reduce(q.sum(dim=1, keepdim=True), dist.ReduceOp.SUM, distributed)  # (G, 1, K)
+            q = q * (target / _nonzero(col))
+            q = q / _nonzero(q.sum(dim=2, keepdim=True))  # last: rows sum to 1 on return
+        return q
+
+    log_target = torch.log(_nonzero(target))  # 0 for empty problems, whose entries all stay -inf anyway
     for _ in range(iterations):
-        # columns: each prototype receives n_g / K (the equipartition constraint); subtracting a -inf column
-        # log-sum would turn -inf - -inf into NaN, so empty columns subtract 0 and stay -inf
-        col = _column_logsumexp(logits, distributed)
-        col = torch.where(torch.isfinite(col), col, torch.zeros_like(col))
-        logits = logits - col[:, None, :] + log_target[:, None, None]
-        # rows: each feature distributes a total weight of 1 (last, so that this one holds exactly on return)
-        row = torch.logsumexp(logits, dim=2, keepdim=True)
-        logits = logits - torch.where(torch.isfinite(row), row, torch.zeros_like(row))
+        # a column or row with no finite entry subtracts 0 and stays -inf (instead of -inf - -inf = NaN)
+        col = _finite_or_zero(_column_logsumexp(logits, distributed))
+        logits = logits - col[:, None, :] + log_target
+        logits = logits - _finite_or_zero(torch.logsumexp(logits, dim=2, keepdim=True))
     return logits.exp()
 
 
@@ -147,26 +196,25 @@ def sinkhorn_knopp(
     """SwAV-style equipartitioned soft assignment of N features to K prototypes.
 
     scores (N, K): similarities (cosines in [-1, 1] in this project), any float dtype.
-    Returns Q (N, K) float32, no gradient. Q is the iterate of Sinkhorn-Knopp on exp(scores / epsilon):
+    Returns Q (N, K) float32, no gradient. Q is the iterate of Sinkhorn-Knopp on exp((scores - max) / epsilon):
     ``iterations`` times, first each column is scaled to sum to N / K, then each row to sum to 1.
 
     On return:
     - every ROW sums to 1 (to float32 rounding, ~1e-6): each feature is a distribution over the K prototypes;
     - every COLUMN sums to N / K (each prototype receives an equal share of the features) up to the convergence of
-      ``iterations``. With the default 10 iterations and epsilon 0.05, columns hold to 1e-2 relative for cosine
+      ``iterations``. With the default 20 iterations and epsilon 0.05, columns hold to 1e-2 relative for cosine
       scores of random unit vectors with d >= 32 and N >= 2K (SwAV's 3 iterations suffice only from d ~ 128);
       peakier scores (lower dimension, clustered features, smaller epsilon, N close to K) converge more slowly.
+      Rows are normalised last, so the row sums are exact and the column sums carry the residual.
 
-    Numerics: computed in float32 whatever the input dtype (bf16 cannot hold the row sums), and in the log domain.
-    That is the same iteration as SwAV's exp-domain one (Q = exp((scores - max) / epsilon), then alternate
-    normalisations) in exact arithmetic, but every normalisation is a log-sum-exp that subtracts its own max, so
-    no exp() ever overflows and a column or row whose exp() would all underflow to 0 (scores * 1000) still gets
-    its share instead of a 0 / 0 = NaN.
+    Numerics: computed in float32 whatever the input dtype (bf16 cannot hold the row sums). The max is subtracted
+    before exp() (no overflow), and when (max - min) / epsilon exceeds 80, where exp() would underflow whole
+    columns to 0 (scores * 1000), the same iteration runs in the log domain instead, so the result is finite for
+    any finite scores.
 
-    distributed: when True and torch.distributed is initialised with more than one rank, the column sums and N
-    are all-reduced across ranks (as SwAV does), so the equipartition holds over the features of all ranks
-    together: each rank's columns then sum to about (its share of) N_total / K. Every rank must call it (2
-    collectives per iteration plus one).
+    distributed: when True and torch.distributed is initialised with more than one rank, the column sums, N and
+    the max are all-reduced across ranks (as SwAV does), so the equipartition holds over the features of all ranks
+    together: each rank passes its own rows and gets its rows of the joint Q. Every rank must call it.
     """
     if scores.dim() != 2:
         raise ValueError(f"sinkhorn_knopp expects scores of shape (N, K), got {tuple(scores.shape)}")
@@ -175,7 +223,7 @@ def sinkhorn_knopp(
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
     logits = scores.detach().to(torch.float32) / epsilon
-    return _sinkhorn_log(logits[None], None, iterations, _distributed(distributed))[0]
+    return _sinkhorn(logits[None], None, iterations, _distributed(distributed))[0]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -196,7 +244,9 @@ class GeoContextPrototypes(nn.Module):
     ``torch.device("meta")`` allocates nothing (``reset_parameters`` skips meta tensors); after
     ``module.to_empty(device=...)`` call ``reset_parameters()`` or load a state dict. With DDP, the bank is
     identical on every rank already (``update`` reduces across ranks), so wrap with ``broadcast_buffers=False``
-    rather than re-broadcasting 1.7 GB on every forward.
+    rather than re-broadcasting 1.7 GB on every forward. Keep the bank float32 (mixed precision through autocast,
+    not ``module.to(torch.bfloat16)``): a bf16 bank would round away EMA steps of 1 %; ``update`` computes in
+    float32 regardless and writes back in the bank's dtype.
 
     temperature: softmax temperature of the attention over cosine logits (ours: 0.1).
     momentum: EMA momentum of ``update`` (ours: 0.99; 1 freezes, 0 replaces).
@@ -373,7 +423,7 @@ class GeoContextPrototypes(nn.Module):
         t_sorted = torch.arange(sorted_group.numel(), device=device) - start[sorted_group]
         slot = torch.empty_like(t_sorted)
         slot[order] = t_sorted
-        t_max = max(int(per_group.max()), 1) if idx.numel() else 1
+        t_max = max(int(per_group.max()), 1)  # >= 1 so that a rank without samples still has (U, hw) rows
 
         f = features.detach().to(device=device, dtype=torch.float32).flatten(2).transpose(1, 2)  # (B, hw, d)
         f = F.normalize(f, dim=-1)
@@ -385,10 +435,9 @@ class GeoContextPrototypes(nn.Module):
         feats = feats.masked_fill_(~mask[..., None], 0.0).reshape(u, t_max * hw, d)
         mask = mask.reshape(u, t_max * hw)
 
-        old = self.prototypes[present]  # (U, P, d)
+        old = self.prototypes[present].to(torch.float32)  # (U, P, d); float32 even if the bank was cast
         scores = torch.bmm(feats, F.normalize(old, dim=-1).transpose(1, 2))  # (U, n_max, P) cosines
-        q = _sinkhorn_log(scores / self.sinkhorn_epsilon, mask, self.sinkhorn_iterations, distributed)
-        q = q * mask[..., None]  # exact zeros on masked rows (they are exp(-inf) = 0 already; belt and braces)
+        q = _sinkhorn(scores / self.sinkhorn_epsilon, mask, self.sinkhorn_iterations, distributed)
         target = torch.bmm(q.transpose(1, 2), feats)  # (U, P, d) = Q^T F
         weight = q.sum(dim=1)  # (U, P)
         if distributed:
@@ -398,7 +447,7 @@ class GeoContextPrototypes(nn.Module):
         new = F.normalize(target, dim=-1)
         blended = F.normalize(self.momentum * old + (1.0 - self.momentum) * new, dim=-1)
         touched = weight > 0  # a prototype no feature weighs on keeps its exact old value
-        self.prototypes[present] = torch.where(touched[..., None], blended, old)
+        self.prototypes[present] = torch.where(touched[..., None], blended, old).to(self.prototypes.dtype)
 
         n_region = counts[present].to(torch.float32)  # (U,) over all ranks
         share = n_region[:, None] / self.prototypes_per_region
