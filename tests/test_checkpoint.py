@@ -65,16 +65,19 @@ def test_official_layout_round_trip(tmp_path, model):
     state = model.state_dict()
     off = to_official(state)
     # spot checks of the official names (shared/research/skysense.md section 7)
-    for key in ("backbone_hr.patch_embed.projection.weight", "backbone_hr.stages.1.downsample.reduction.weight",
-                "backbone_hr.stages.0.blocks.0.attn.w_msa.qkv.weight", "backbone_hr.stages.0.blocks.0.attn.w_msa.q_bias",
-                "backbone_hr.stages.0.blocks.0.attn.w_msa.cpb_mlp.0.weight", "backbone_hr.stages.2.blocks.1.norm3.weight",
-                "backbone_hr.stages.0.blocks.0.ffn.layers.0.0.weight", "backbone_hr.attn1.attn.attn.in_proj_weight",
-                "backbone_hr.norm0.weight", "backbone_hr.vocabulary_token", "backbone_s2.patch_embed.projection.weight",
-                "backbone_s2.layers.0.ln1.weight", "backbone_s2.layers.0.attn.attn.in_proj_weight",
-                "backbone_s2.layers.0.attn.attn.out_proj.weight", "backbone_s2.layers.1.ffn.layers.1.weight",
-                "head_s2.decoder.0.weight", "modality_vae.vae_hr.conv1.weight", "fusion.porj_linear.weight",
-                "fusion.cls_token", "fusion.layers.0.ln1.weight", "fusion.layers.1.attn.attn.in_proj_bias",
-                "head_rec_hr.psp_modules.0.1.conv.weight", "head_rec_hr.conv_seg.weight"):
+    expected = [
+        "backbone_hr.patch_embed.projection.weight", "backbone_hr.stages.1.downsample.reduction.weight",
+        "backbone_hr.stages.0.blocks.0.attn.w_msa.qkv.weight", "backbone_hr.stages.0.blocks.0.attn.w_msa.q_bias",
+        "backbone_hr.stages.0.blocks.0.attn.w_msa.cpb_mlp.0.weight", "backbone_hr.stages.2.blocks.1.norm3.weight",
+        "backbone_hr.stages.0.blocks.0.ffn.layers.0.0.weight", "backbone_hr.attn1.attn.attn.in_proj_weight",
+        "backbone_hr.norm0.weight", "backbone_hr.vocabulary_token", "backbone_s2.patch_embed.projection.weight",
+        "backbone_s2.layers.0.ln1.weight", "backbone_s2.layers.0.attn.attn.in_proj_weight",
+        "backbone_s2.layers.0.attn.attn.out_proj.weight", "backbone_s2.layers.1.ffn.layers.1.weight",
+        "head_s2.decoder.0.weight", "modality_vae.vae_hr.conv1.weight", "fusion.porj_linear.weight",
+        "fusion.cls_token", "fusion.layers.0.ln1.weight", "fusion.layers.1.attn.attn.in_proj_bias",
+        "head_rec_hr.psp_modules.0.1.conv.weight", "head_rec_hr.conv_seg.weight",
+    ]
+    for key in expected:
         assert key in off, key
     assert off["ctpe"].shape[1] == 365
     path = tmp_path / "skysensepp_release.ckpt"
