@@ -30,7 +30,7 @@ __all__ = ["GeoContextPrototypes", "region_index", "sinkhorn_knopp"]
 # dimensions (~12 % column error after 3). Iterations needed for the columns to hold to 1e-2 relative, epsilon
 # 0.05, cosines of random unit vectors, K in {32, 100}, worst of 40 seeds: N >= 2K: 26 (d=16), 17 (d=32),
 # 11 (d=64), 6 (d=128); N >= 5K: 17 (d=16), 10 (d=32), 7 (d=64). 20 covers d >= 32 with N >= 2K and d >= 16 with
-# N >= 5K. An iteration is two log-sum-exps over an (N, K) matrix: negligible next to the network.
+# N >= 5K. An iteration is two sums and two divisions over an (N, K) matrix: negligible next to the network.
 DEFAULT_SINKHORN_ITERATIONS = 20
 
 
@@ -53,7 +53,7 @@ def region_index(
 
     - latitude band ``i = floor((sin(lat) + 1) / 2 * lat_bands)``, clamped to ``[0, lat_bands - 1]``. The area
       of the sphere between two latitudes is proportional to the difference of their sines, so bands of equal
-      width in ``sin(lat)`` have equal area (an equal-angle grid would make polar cells ~50x smaller than
+      width in ``sin(lat)`` have equal area (an equal-angle grid would make polar cells ~40x smaller than
       equatorial ones at 64 bands). The north pole (lat = 90, sin = 1) falls into the last band, the south pole
       (lat = -90) into band 0.
     - longitude sector ``j = floor(((lon + 180) mod 360) / 360 * lon_bands)``: lon = -180 and lon = 180 are the
@@ -396,7 +396,7 @@ class GeoContextPrototypes(nn.Module):
         region = self.region_index(lat, lon)  # (B,)
 
         # regions present: those of samples with at least one valid location, over all ranks. A dense (R,) count
-        # vector is one small all-reduce (16 KB for 4096 regions) and needs no variable-length gather.
+        # vector is one small all-reduce (32 KB for 4096 regions) and needs no variable-length gather.
         counts = torch.zeros(self.num_regions, dtype=torch.int64, device=device)
         counts.index_add_(0, region, valid.sum(dim=1))  # integer adds: exact in any order
         if distributed:

@@ -191,3 +191,29 @@ def test_presets_are_data_and_huge_matches_the_paper_layout():
     assert not hasattr(model.backbone_s2, "cls_token") or model.backbone_s2.cls_token is None
     n = sum(p.numel() for p in model.parameters()) + model.glbank.prototypes.numel()
     assert 1.9e9 < n < 2.4e9  # the paper: 2.06 B; breakdown in bench/model.py and the README
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny", grad_checkpointing=ckpt).train()
+        # dropout-free preset, so train mode is deterministic; BatchNorm-free path (no semantic heads)
+        out = model(make_batch(hr_ratio=8, seed=2))
+        out.fused.float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bf16_autocast_runs(tiny):
+    batch = make_batch(hr_ratio=8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny(batch)
+        logits = tiny.semantic_logits(out)
+    assert torch.isfinite(out.fused.float()).all() and torch.isfinite(logits.float()).all()
+    with torch.no_grad():
+        ref = tiny(batch).fused
+    # bf16 keeps ~3 significant digits; the fused features agree to that
+    assert torch.nn.functional.cosine_similarity(out.fused.float().flatten(), ref.flatten(), dim=0) > 0.99
