@@ -131,8 +131,8 @@ def from_official(state: dict[str, torch.Tensor], doy_entries: int = 366) -> dic
         state = state["model"]
     out = {}
     for key, value in state.items():
-        key = key.removeprefix("module.").replace(".Wqkv.", ".in_proj_").replace(".in_proj_.", ".in_proj_")
-        key = re.sub(r"\.in_proj_(weight|bias)$", r".in_proj_\1", key)
+        # atorch FlashAttention stored the packed projection as Wqkv.{weight,bias}; torch calls it in_proj_*
+        key = key.removeprefix("module.").replace(".Wqkv.", ".in_proj_")
         if _SKIP.search(key):
             continue
         prefix, _, rest = key.partition(".")

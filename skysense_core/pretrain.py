@@ -8,8 +8,10 @@ Per step, for a batch of co-registered multi-modal tiles:
    shared by all modalities (so they stay co-registered), with HR colour jitter, blur, solarisation on the second
    global view, per-date jitter of S2/S1 and date disturbance.
 2. The student (``SkySense``) encodes every view; the teacher (an EMA of the student, no gradient) the global views.
-3. Multi-granularity contrastive learning (MGCL) on four feature sources -- each modality's grid features (mean
-   over its kept dates) and the fused feature F_fus -- through one DINO head per source:
+3. Multi-granularity contrastive learning (MGCL) on four feature sources -- each modality's grid features and the
+   fused feature F_fus -- through one DINO head per source (shared by the three granularities, each with its own
+   centre). A modality's grid feature is the mean over its kept dates: the paper averages the pixel loss over
+   time steps, but date disturbance gives the two views different dates, so we compare the date means.
    * pixel level: the teacher's view-j map is resampled onto the student's view-i grid (``augment.align``); every
      location seen by both views and kept by the modality is a pair;
    * object level: the teacher's aligned pixels are clustered by Sinkhorn-Knopp into ``objects`` soft objects per

@@ -42,3 +42,16 @@ def demo_region(tmp_path_factory) -> tuple[Path, DemoConfig]:
     """(catalog.json path, config) of a demo region generated for this session."""
     out = tmp_path_factory.mktemp("demo-region")
     return generate(TEST_DEMO, out, progress=False), TEST_DEMO
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One intra-op torch thread for a module of tiny-tensor model tests: thread start-up costs more than it
+    gains, and on a shared 2-core machine spinning OpenMP threads made such tests 10x slower. Restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

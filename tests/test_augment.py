@@ -25,14 +25,7 @@ from skysense_core.augment import (
 )
 from skysense_core.inputs import ModalityInput, SkySenseInput
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool contention on the shared 2-core machine (>10x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 R = 4  # HR pixels per Sentinel pixel in these tests

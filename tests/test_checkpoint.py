@@ -21,6 +21,8 @@ from skysense_core.checkpoint import (
 from skysense_core.pretrain import PretrainConfig, SkySensePretrainer
 from tests.model_inputs import make_batch
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 @pytest.fixture
 def model():

@@ -8,18 +8,10 @@ import torch.nn.functional as F
 
 from skysense_core.completion import ModalityCompletion, ModalityVAE
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 DIM, CONV, Z, K = 16, 8, 8, 32
 MODS = ("hr", "s2", "s1")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one intra-op thread is fastest, and on shared cores 2 spinning OpenMP threads can be 10x
-    slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small(seed: int = 0) -> ModalityCompletion:

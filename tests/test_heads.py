@@ -11,17 +11,9 @@ import torch.nn.functional as F
 
 from skysense_core.heads import ChangeDetectionHead, ConvModule, LinearClassifier, UPerHead, upsample_logits
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 CH = [6, 8, 10, 12]  # 4-level pyramid, strides 1, 2, 4, 8 relative to the finest
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and it avoids OpenMP spin-wait stalls when the
-    (shared, 2-core) machine is oversubscribed. Restored afterwards so other test modules are unaffected."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def pyramid(b: int = 2, size: int = 16, chans=CH, seed: int = 0) -> list[torch.Tensor]:

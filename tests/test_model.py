@@ -15,6 +15,8 @@ from skysense_core.model import SemanticInput
 from skysense_core.semantic import SemanticPretrainer
 from tests.model_inputs import make_batch
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(("hr", "s2", "s1"), r)]
 
 

@@ -10,14 +10,7 @@ from skysense_core.augment import AugmentConfig
 from skysense_core.pretrain import PretrainConfig, SkySensePretrainer, teacher_momentum
 from tests.model_inputs import make_batch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread start-up costs more than it gains on the 2-core CI machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _pretrainer(**kw) -> SkySensePretrainer:

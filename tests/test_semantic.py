@@ -19,13 +19,7 @@ from skysense_core.semantic import (
 )
 from tests.model_inputs import make_batch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_label_ids_are_redrawn_every_call_and_consistent_within_one():
