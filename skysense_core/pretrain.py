@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from skysense_core.augment import AugmentConfig, align, make_views
+from skysense_core.augment import AugmentConfig, View, align, make_views
 from skysense_core.inputs import MODALITIES, SkySenseInput
 from skysense_core.losses import DINOHead, DINOLoss, info_nce, sinkhorn_clusters
 from skysense_core.model import SkySense
@@ -127,14 +127,26 @@ class SkySensePretrainer(nn.Module):
         maps["fused"] = (fused, torch.ones(fused.shape[0], *fused.shape[-2:], dtype=torch.bool, device=fused.device))
         return maps
 
-    def forward(self, batch: SkySenseInput, generator: torch.Generator | None = None):
+    def augment_config(self) -> AugmentConfig:
+        """The view recipe with every view side a multiple of the ViT patch and of 4 (the completion VAE pools
+        twice by 2). Data loaders that make views on CPU workers use this, then pass ``views=`` to forward."""
+        mc, aug = self.student.cfg, self.cfg.augment
+        return dataclasses.replace(aug, size_multiple=math.lcm(aug.size_multiple, mc.vit_patch_size, 4))
+
+    def make_views(self, batch: SkySenseInput, generator: torch.Generator) -> list[View]:
+        return make_views(batch, self.student.cfg.hr_ratio, self.augment_config(), generator)
+
+    def forward(self, batch: SkySenseInput | None = None, generator: torch.Generator | None = None,
+                views: list[View] | None = None):
+        """One stage-1 step on ``batch`` (views made here) or on ``views`` made elsewhere (e.g. on Ray Data CPU
+        workers with ``make_views``). -> (loss, logs)."""
         cfg = self.cfg
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-        mc = self.student.cfg
-        # every view side a multiple of the ViT patch and of 4 (the completion VAE pools twice by 2)
-        aug = dataclasses.replace(cfg.augment, size_multiple=math.lcm(cfg.augment.size_multiple, mc.vit_patch_size, 4))
-        views = make_views(batch, mc.hr_ratio, aug, generator)
+        if views is None:
+            if batch is None:
+                raise ValueError("give a batch or precomputed views")
+            views = self.make_views(batch, generator)
         globals_ = [i for i, v in enumerate(views) if v.is_global]
         s_out = [self.student(v.input) for v in views]
         with torch.no_grad():
