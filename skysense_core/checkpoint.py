@@ -31,8 +31,8 @@ Official layout (``skysensepp_release.ckpt``, mmcv / mmcls / mmseg names; ``shar
     ctpe              [1, 365, C] -> [1, 366, C]: row 366 (31 Dec of leap years) starts as a copy of row 365
     head_s2/s1., modality_vae., head_rec_hr.   unchanged
 
-Names of ours the official model lacks (``fusion.norm``, ``head_rec_grid``, ``glbank``, the proj_in/proj_out of
-the HR global attention, whose official names are unpublished) are reported as missing on load.
+Names of ours the official model lacks (``head_rec_grid``, ``glbank``) are reported as missing on load; a
+release without ``ctpe`` (both released configs have ``use_ctpe: False``) loads with a zero DTPE table.
 """
 
 from __future__ import annotations
@@ -181,8 +181,12 @@ def load_official(path: str | Path, model: nn.Module, strict_official: bool = Tr
     """
     raw = torch.load(path, map_location="cpu", weights_only=True)
     state = from_official(raw, model.cfg.doy_entries)
+    if "ctpe" not in state:
+        # both released configs run with use_ctpe False, so the release may have no DTPE: a zero table keeps the
+        # released model's behaviour instead of adding a random encoding to every token
+        state["ctpe"] = torch.zeros_like(model.ctpe, device="cpu")
     result = model.load_state_dict(state, strict=False)
-    ours_only = re.compile(r"^(glbank\.|head_rec_grid\.|fusion\.norm\.|backbone_hr\.attn\d\.proj_(in|out)\.)")
+    ours_only = re.compile(r"^(glbank\.|head_rec_grid\.)")
     missing = [k for k in result.missing_keys if not ours_only.match(k)]
     if strict_official and (missing or result.unexpected_keys):
         raise KeyError(f"official checkpoint does not fit: missing {missing[:10]}..., "

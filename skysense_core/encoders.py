@@ -97,7 +97,7 @@ class ProjectedGlobalAttention(nn.Module):
     The inner identity is the one mmcv's MultiheadAttention wrapper adds; a port that dropped it lost the
     model (1-shot mIoU 0.55 -> 0.009). The stage then adds the block's output to its input. Attention is over
     every token of the stage (not windowed), hence SDPA.
-    ``(B, N, dim) -> (B, N, dim)``. ``proj_in`` / ``proj_out`` are our names: the official ones are not public.
+    ``(B, N, dim) -> (B, N, dim)``. ``proj_in`` / ``proj_out`` / ``attn`` are the official names.
     """
 
     def __init__(self, dim: int, inner_dim: int, heads: int):
@@ -150,9 +150,11 @@ class SwinV2Encoder(SwinTransformerV2):
 
     def __init__(self, cfg: ModelConfig):
         n = len(cfg.hr_depths)
-        # Built for an input whose last stage is exactly one window: every stage then keeps the full window
-        # (timm shrinks windows only for inputs smaller than the build size); other sizes are dynamic.
-        build = cfg.hr_patch_size * cfg.hr_window * 2 ** (n - 1)
+        # Built for an input whose last stage is two windows wide: timm fixes each block's window and shift at
+        # build time from the build size (a stage no larger than one window gets no shift), and mmcls shifts
+        # every odd block of every stage at the official 512 / 1024 px inputs. Other sizes are dynamic (masks
+        # are rebuilt per input).
+        build = cfg.hr_patch_size * cfg.hr_window * 2 ** (n - 1) * 2
         super().__init__(
             img_size=build, patch_size=cfg.hr_patch_size, in_chans=cfg.hr_in_chans, num_classes=0,
             embed_dim=cfg.hr_embed_dim, depths=cfg.hr_depths, num_heads=cfg.hr_heads, window_size=cfg.hr_window,
@@ -203,18 +205,14 @@ class SwinV2Encoder(SwinTransformerV2):
         last = len(self.layers) - 1
         for i, stage in enumerate(self.layers):
             x = stage(x)
+            if merge and i == merge - 1:  # official order: average the halves, then the global attention
+                x = _split_halves(x, "mean")
             if self.global_attn and i < last:
                 b, h, w, c = x.shape
                 x = x + getattr(self, f"attn{i + 1}")(x.reshape(b, h * w, c)).view(b, h, w, c)
                 if i == last - 1:
                     x = self.norm_attn(x)
-            if merge and i == merge - 1:
-                x = _split_halves(x, "mean")
-                out = x
-            elif merge and i < merge - 1:
-                out = _split_halves(x, "cat")
-            else:
-                out = x
+            out = _split_halves(x, "cat") if merge and i < merge - 1 else x
             norm = getattr(self, f"norm{i}")
             if out.shape[-1] != norm.normalized_shape[0]:  # channel-concatenated halves: normalise each half
                 out = torch.cat([norm(half) for half in out.chunk(2, dim=-1)], dim=-1)
@@ -234,8 +232,8 @@ class SentinelViT(VisionTransformer):
 
     ``forward(x (N, C, H, W), label_ids=None (N, H, W), token_mask=None (N, H/4, W/4)) -> (N, D, H/4, W/4)``,
     N = batch x dates. With labels, the first ``vit_merge_layers`` blocks see image and label tokens side by side
-    (the label tokens get the same positional embedding as the image tokens: our choice, not published), then the
-    two halves are averaged.
+    on an (h, 2w) grid whose positions are the learned table resized to (h, 2w), as the official MSL ViT does;
+    then the two halves are averaged.
     """
 
     def __init__(self, cfg: ModelConfig, in_chans: int):
@@ -267,21 +265,22 @@ class SentinelViT(VisionTransformer):
             raise ValueError(f"Sentinel input {tuple(x.shape[-2:])} must be a multiple of the patch size {p}")
         tok = self.patch_embed(x)  # (N, h, w, D): dynamic_img_size keeps the grid
         n, h, w, d = tok.shape
-        pos = self._pos_embed(tok.new_zeros(1, h, w, d))  # (1, h*w, D): positions resized bicubically to h x w
-        x = self.norm_pre(tok.reshape(n, h * w, d) + pos)
         merge = 0
-        if label_ids is not None:
+        if label_ids is None:
+            x = self.norm_pre(tok.reshape(n, h * w, d) + self._pos_embed(tok.new_zeros(1, h, w, d)))
+        else:
             merge = self.cfg.vit_merge_layers
-            sem = label_tokens(label_ids, self.vocabulary_token, self.vocabulary_weight, p)
+            sem = label_tokens(label_ids, self.vocabulary_token, self.vocabulary_weight, p).to(tok.dtype)
             if token_mask is not None:
                 sem = torch.where(token_mask[..., None], self.mask_token.to(sem.dtype), sem)
-            sem = self.norm_pre(sem.reshape(n, h * w, d).to(x.dtype) + pos)  # same positions as the image tokens
             if merge:
-                joint = torch.cat([x.view(n, h, w, d), sem.view(n, h, w, d)], dim=2).reshape(n, -1, d)
+                # official: image | label tokens side by side, positions resized bicubically to (h, 2w)
+                joint = torch.cat([tok, sem], dim=2)
+                joint = self.norm_pre(joint.reshape(n, -1, d) + self._pos_embed(tok.new_zeros(1, h, 2 * w, d)))
                 joint = self._run(joint, self.blocks[:merge])
                 x = _split_halves(joint.view(n, h, 2 * w, d), "mean").reshape(n, h * w, d)
-            else:
-                x = (x + sem) / 2
+            else:  # merge 0: the two token kinds are averaged at the input
+                x = self.norm_pre(((tok + sem) / 2).reshape(n, h * w, d) + self._pos_embed(tok.new_zeros(1, h, w, d)))
         out = self._run(x, self.blocks[merge:])
         return out.transpose(1, 2).reshape(n, d, h, w)
 

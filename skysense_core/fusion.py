@@ -22,8 +22,8 @@ class FusionTransformer(nn.Module):
     """``forward(tokens (S, L, C), keep (S, L) bool) -> (S, D)`` for S = B*h*w sequences of L date tokens.
 
     ``porj_linear`` [sic, the official attribute name] projects C -> D; ``cls_token`` is the extra token;
-    ``layers`` are pre-norm timm blocks (SDPA attention, LayerNorm eps 1e-6); ``norm`` is a final LayerNorm
-    (ours: the official fusion's final norm is not documented).
+    ``layers`` are pre-norm timm blocks (SDPA attention, LayerNorm eps 1e-5 as mmcv's default ``LN``). No final
+    norm: the official encoder returns the extra token's raw output.
     """
 
     def __init__(
@@ -35,10 +35,9 @@ class FusionTransformer(nn.Module):
         dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.layers = nn.ModuleList(
             Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=dpr[i],
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                  norm_layer=partial(nn.LayerNorm, eps=1e-5))
             for i in range(depth)
         )
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.grad_checkpointing = False
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -52,7 +51,7 @@ class FusionTransformer(nn.Module):
                 x = checkpoint(layer, x, mask, use_reentrant=False)
             else:
                 x = layer(x, attn_mask=mask)
-        return self.norm(x[:, 0])
+        return x[:, 0]
 
 
 def doy_index(doy: torch.Tensor, entries: int = 366) -> torch.Tensor:

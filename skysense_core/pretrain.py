@@ -102,6 +102,13 @@ class SkySensePretrainer(nn.Module):
         for p in [*self.teacher.parameters(), *self.teacher_heads.parameters()]:
             p.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> SkySensePretrainer:
+        """The teacher always runs in eval mode: its targets must not be randomised by stochastic depth (DINO)."""
+        super().train(mode)
+        self.teacher.eval()
+        self.teacher_heads.eval()
+        return self
+
     # ----------------------------------------------------------------------------------------------------------
     def _ema_pairs(self):
         s = [p for n, p in self.student.named_parameters() if not n.startswith("glbank.")]

@@ -89,9 +89,9 @@ def test_official_layout_round_trip(tmp_path, model):
     report = load_official(path, fresh)
     assert not report["unexpected"]
     got = fresh.state_dict()
-    ours_only = ("glbank.", "head_rec_grid.", "fusion.norm.")
+    ours_only = ("glbank.", "head_rec_grid.")
     for k, v in state.items():
-        if k.startswith(ours_only) or re.match(r"backbone_hr\.attn\d\.proj_(in|out)\.", k):
+        if k.startswith(ours_only):
             continue
         if k == "ctpe":  # 365 official rows; row 366 starts as a copy of row 365
             assert torch.equal(got[k][:, :365], v[:, :365]) and torch.equal(got[k][:, 365], v[:, 364])
@@ -99,6 +99,24 @@ def test_official_layout_round_trip(tmp_path, model):
         assert torch.equal(got[k], v), k
     back = from_official(to_official(state))
     assert set(back) == set(state) - {k for k in state if re.search(r"k_bias$", k)}
+
+
+def test_release_without_dtpe_loads_with_a_zero_table(tmp_path, model):
+    """Both released configs run with use_ctpe False: a file without ``ctpe`` must not leave a random DTPE."""
+    release = _as_release(model.state_dict())
+    del release["model"]["module.ctpe"]
+    torch.save(release, tmp_path / "no_ctpe.ckpt")
+    fresh = build_model("tiny")
+    load_official(tmp_path / "no_ctpe.ckpt", fresh)
+    assert not fresh.ctpe.any()
+
+
+def test_a_release_missing_official_tensors_is_an_error(tmp_path, model):
+    release = _as_release(model.state_dict())
+    del release["model"]["module.backbone_hr.attn1.proj_in.weight"]
+    torch.save(release, tmp_path / "partial.ckpt")
+    with pytest.raises(KeyError, match="proj_in"):
+        load_official(tmp_path / "partial.ckpt", build_model("tiny"))
 
 
 def test_patch_merging_permutation_matches_mmcls_unfold():

@@ -188,6 +188,10 @@ def test_presets_are_data_and_huge_matches_the_paper_layout():
     swin = model.backbone_hr
     extra = [n for n, _ in swin.named_modules() if n.endswith(".norm3")]
     assert extra == ["layers.2.blocks.5.norm3", "layers.2.blocks.11.norm3", "layers.2.blocks.17.norm3"]
+    # mmcls shifts every odd block by half a window at the official 512 px input (last stage 16 x 16 tokens)
+    for stage in swin.layers:
+        expected = [(0, 0) if i % 2 == 0 else (4, 4) for i in range(len(stage.blocks))]
+        assert [b.shift_size for b in stage.blocks] == expected
     assert model.head_s2.decoder[0].weight.shape == (2816 * 16, 1024, 1, 1)
     assert model.glbank.prototypes.shape == (4096, 100, 1024)
     assert not hasattr(model.backbone_s2, "cls_token") or model.backbone_s2.cls_token is None

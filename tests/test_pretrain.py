@@ -33,6 +33,8 @@ def test_teacher_is_an_exact_ema_of_the_student():
     # the teacher has no gradient and shares the single geo-context bank with the student
     assert not any(p.requires_grad for p in pt.teacher.parameters())
     assert pt.teacher.glbank is pt.student.glbank
+    pt.train()  # the teacher's targets are never randomised by drop-path
+    assert pt.student.training and not pt.teacher.training and not pt.teacher_heads.training
     assert teacher_momentum(0, 100) == pytest.approx(0.996) and teacher_momentum(100, 100) == pytest.approx(1.0)
 
 

@@ -1,0 +1,268 @@
+"""jobs/pretrain.py end to end: `ray job submit` against a Ray head started here (stage 1 with 2 DDP workers and a
+real SIGKILL of one of them mid-run, re-submission of the finished run with more steps, stage 2 on the demo
+truth), plus the view columns round trip and bad input. CPU, real Ray, no mocks; the `tiny` preset on a 4-tile
+cube of the demo region."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import demo
+from pipeline.training import (
+    CARD,
+    CURVE,
+    METRICS,
+    MODEL,
+    TRAIN_STATE,
+    columns_to_views,
+    read_metrics,
+    views_to_columns,
+)
+from tests.model_inputs import make_batch
+
+REPO = Path(__file__).resolve().parents[1]
+# Windows of 16 S2 px (128 HR px) cut from 32-px tiles: 16 rows per epoch over 4 tiles.
+TRAIN_ARGS = ["--preset", "tiny", "--window", "16", "--warmup", "1", "--lr", "1e-3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A 2-CPU Ray head started by this module with `ray start --head --block` (pattern of
+    tests/test_ingest_real.py), stopped by signalling that process group only."""
+    logs = tmp_path_factory.mktemp("ray-head")
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [
+            _ray_bin(), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true",
+            f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+        ],
+        env=env, start_new_session=True, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    import requests
+
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/api/version", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        assert proc.poll() is None, (logs / "head.log").read_text()
+        time.sleep(0.5)
+    else:
+        raise RuntimeError("ray head did not come up:\n" + (logs / "head.log").read_text())
+    try:
+        yield url, env
+    finally:
+        record = Path("/tmp/ray/ray_current_cluster")
+        if record.exists() and record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _submit_cmd(url: str, script: str, *args: str) -> list[str]:
+    return [_ray_bin(), "job", "submit", "--address", url, "--working-dir", str(REPO), "--", sys.executable,
+            script, *map(str, args)]
+
+
+def _submit(head, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    url, env = head
+    return subprocess.run(_submit_cmd(url, script, *args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cube(head, demo_region, tmp_path_factory) -> Path:
+    """4 tiles of 32 px (halo 0) from the middle of the demo region, ingested through the same head."""
+    path, dcfg = demo_region
+    x0, y0, x1, y1 = demo.region_bbox(dcfg)
+    bbox = [x0 + 0.4 * (x1 - x0), y0 + 0.4 * (y1 - y0), x0 + 0.6 * (x1 - x0), y0 + 0.6 * (y1 - y0)]
+    out = tmp_path_factory.mktemp("pretrain-cube") / "cube.zarr"
+    r = _submit(head, "jobs/ingest.py", "--catalog", path, "--bbox", *bbox, "--start", "2024-04-01", "--end",
+                "2024-09-30", "--out", out, "--tile-px", "32", "--halo-px", "0", "--t-s2", "4", "--t-s1", "2",
+                "--t-hr", "1", "--hr-ratio", "8")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return sorted(run.glob("checkpoint_*"))
+
+
+def _assert_finite(rows: list[dict]) -> None:
+    for r in rows:
+        for k, v in r.items():
+            if k == "loss" or k.startswith("loss/"):
+                assert math.isfinite(v), (r["step"], k, v)
+
+
+def _assert_artefacts(run: Path, stage: int, steps: int) -> dict:
+    for name in (METRICS, CURVE, MODEL, CARD):
+        assert (run / name).stat().st_size > 0, name
+    card = json.loads((run / CARD).read_text())
+    assert card["stage"] == stage and card["preset"] == "tiny" and card["steps"] == steps
+    assert card["data"]["tiles"] == 4 and card["data"]["start"] == "2024-04-01"
+    assert all(math.isfinite(v) for v in card["final_losses"].values()) and "loss" in card["final_losses"]
+    from skysense_core.checkpoint import load_checkpoint
+
+    model, parts, meta = load_checkpoint(run / MODEL)
+    assert model.cfg.name == "tiny" and meta["steps"] == steps and meta["stage"] == stage
+    assert (stage == 1) == bool(parts["teacher"])
+    ckpts = _checkpoints(run)
+    assert 1 <= len(ckpts) <= 2  # CheckpointConfig(num_to_keep=2)
+    state = torch.load(ckpts[-1] / TRAIN_STATE, map_location="cpu", weights_only=False)
+    assert state["step"] == steps and {"optimizer", "scheduler", "rng", "epoch"} <= set(state)
+    return card
+
+
+def test_stage1_two_workers_survive_a_killed_worker(head, cube, runs):
+    """2 gloo DDP ranks; rank 1 is SIGKILLed after a checkpoint: Ray Train restarts the group from the last
+    checkpoint (not from 0) and the run ends at the requested step with one metrics row per step."""
+    run = runs / "s1"
+    url, env = head
+    args = [*TRAIN_ARGS, "--cube", cube, "--stage", "1", "--steps", "10", "--batch-size", "4", "--workers", "2",
+            "--checkpoint-every", "2", "--out", runs, "--name", "s1", "--write-pids"]
+    proc = subprocess.Popen(_submit_cmd(url, "jobs/pretrain.py", *args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed = None
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and proc.poll() is None:
+            steps = [int(r["step"]) for r in read_metrics(run / METRICS)] if (run / METRICS).exists() else []
+            pid_file = run / "pids" / "rank1.pid"
+            # a checkpoint at least one step old, so that Ray has registered it before the kill
+            if steps and max(steps) >= 5 and _checkpoints(run) and pid_file.exists():
+                killed = int(pid_file.read_text())
+                os.kill(killed, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, out[-6000:]
+    assert "resumed from checkpoint at step" in out, out[-6000:]
+    assert int((run / "pids" / "rank1.pid").read_text()) != killed  # a new worker process finished the run
+    rows = read_metrics(run / METRICS)
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))  # rows written after the checkpoint were dropped
+    resumed = {int(r["resumed_from"]) for r in rows}
+    assert max(resumed) >= 2, resumed  # restarted from a checkpoint, not from scratch
+    _assert_finite(rows)
+    assert "replicas differ" not in out  # student, teacher, geo bank and DINO centres identical on both ranks
+    card = _assert_artefacts(run, stage=1, steps=10)
+    assert card["world_size"] == 2
+
+
+def test_resubmitted_run_continues_where_it_stopped(head, cube, runs):
+    run = runs / "s1"
+    if not (run / CARD).exists():
+        pytest.skip("needs the run of test_stage1_two_workers_survive_a_killed_worker")
+    before = read_metrics(run / METRICS)
+    r = _submit(head, "jobs/pretrain.py", *TRAIN_ARGS, "--cube", cube, "--stage", "1", "--steps", "13",
+                "--batch-size", "4", "--workers", "2", "--checkpoint-every", "2", "--out", runs, "--name", "s1")
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert "resumed from checkpoint at step 10" in r.stdout
+    rows = read_metrics(run / METRICS)
+    assert [int(x["step"]) for x in rows] == list(range(1, 14))
+    assert rows[:10] == before  # the first 10 steps untouched
+    assert {int(x["resumed_from"]) for x in rows[10:]} == {10}
+    _assert_finite(rows)
+    _assert_artefacts(run, stage=1, steps=13)
+
+
+def test_stage2_on_the_demo_truth(head, cube, runs):
+    """Stage 2 with the labels found from the cube's catalog (truth/landcover_hr.tif, 7 classes)."""
+    run = runs / "s2"
+    r = _submit(head, "jobs/pretrain.py", *TRAIN_ARGS, "--cube", cube, "--stage", "2", "--steps", "3",
+                "--batch-size", "2", "--workers", "1", "--checkpoint-every", "2", "--out", runs, "--name", "s2")
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    rows = read_metrics(run / METRICS)
+    assert [int(x["step"]) for x in rows] == [1, 2, 3] and all("loss/semantic" in x for x in rows)
+    _assert_finite(rows)
+    card = _assert_artefacts(run, stage=2, steps=3)
+    assert card["data"]["num_classes"] == 7 and card["data"]["labels"].endswith("landcover_hr.tif")
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import pretrain as job
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    base = ["--steps", "2", "--out", str(tmp_path)]
+    assert job.main(["--cube", str(tmp_path / "missing.zarr"), *base]) == 2
+    assert "no cube" in capsys.readouterr().err
+    (tmp_path / "empty.zarr").mkdir()
+    assert job.main(["--cube", str(tmp_path / "empty.zarr"), *base]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_bad_stage2_input_exits_2(cube, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import pretrain as job
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    base = ["--cube", str(cube), "--steps", "2", "--out", str(tmp_path)]
+    assert job.main([*base, "--stage", "2", "--labels", str(tmp_path / "none.tif")]) == 2
+    assert "no label raster" in capsys.readouterr().err
+    assert job.main([*base, "--window", "6"]) == 2
+    assert "multiple of 4" in capsys.readouterr().err
+    assert job.main([*base, "--batch-size", "1", "--workers", "2"]) == 2
+
+
+def test_view_columns_round_trip():
+    """Views made on a data worker survive the trip through flat numpy columns exactly."""
+    from skysense_core.augment import AugmentConfig, make_views
+
+    batch = make_batch(grid=8, hr_ratio=8)
+    views = make_views(batch, 8, AugmentConfig(n_local=1, size_multiple=4), torch.Generator().manual_seed(0))
+    cols = views_to_columns(views)
+    assert all(isinstance(v, np.ndarray) and v.shape[0] == 2 for v in cols.values())
+    back = columns_to_views(cols)
+    assert [v.is_global for v in back] == [v.is_global for v in views] == [True, True, False]
+    for a, b in zip(views, back, strict=True):
+        torch.testing.assert_close(b.theta, a.theta)
+        torch.testing.assert_close(b.input.lat, a.input.lat.double())
+        for m in a.input.modalities:
+            ma, mb = getattr(a.input, m), getattr(b.input, m)
+            torch.testing.assert_close(mb.data, ma.data)
+            assert torch.equal(mb.valid, ma.valid) and torch.equal(mb.doy, ma.doy)
+            want = ma.mask if ma.mask is not None else ma.valid[:, :, None, None].expand_as(mb.mask)
+            assert torch.equal(mb.mask, want)
