@@ -265,7 +265,9 @@ def write_tile(path: str | Path, sample: TileSample, cfg: CubeConfig) -> None:
         if var.dtype.kind in "uib":
             enc["_FillValue"] = None  # integers are stored as they are; nodata is documented in attrs
         if name.startswith("time_"):
-            enc.update({"units": "days since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int32"})
+            # padding dates are NaT: without an explicit fill value they would come back as 1970-01-01
+            enc.update({"units": "days since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int32",
+                        "_FillValue": np.int32(np.iinfo(np.int32).min)})
         encoding[name] = enc
     ds.to_zarr(
         str(path), group=tile_group(sample.tile.id), mode="w", zarr_format=3, consolidated=False, encoding=encoding

@@ -154,6 +154,7 @@ def test_row_values_equal_the_cube(cube):
         np.testing.assert_array_equal(row[f"{m}_doy"], np.where(filled, doy, 0))
     assert np.isnan(row["s1"]).any() and not row["s1_mask"].all(), "the edge tile holds S1 nodata"
     assert (row["s2_doy"][:3] > 0).all() and row["s2_doy"][3] == 0 and not row["s2_valid"][3], "padding slot"
+    assert np.isnat(ref["time_s2"].values[3]), "the cube stores a padding date as NaT, not 1970-01-01"
     ids = zarr_cube.tile_ids(zarr_cube.open_cube(path))
     idx = zarr_cube.open_cube(path)["index"]
     k = ids.index(tid)
