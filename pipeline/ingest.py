@@ -113,7 +113,7 @@ def resolve_ray_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -185,7 +185,7 @@ def run_ingest(
 
     outcomes: list[TileOutcome] = []
     if todo:
-        _init_ray(ray_address)
+        init_ray(ray_address)
         task = ray.remote(num_cpus=cpus_per_tile, max_retries=2)(ingest_tile)
         cfg_ref = ray.put(cfg)
         cap = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 2) / cpus_per_tile))
