@@ -1,10 +1,11 @@
 """The main job, end to end on the embedded demo region (``make demo``).
 
 Stages so far: build the demo region (a local static STAC catalog with S2, S1 and HR COGs and ground truth),
-search it as the pipeline does, and ingest it into a Zarr cube with Ray (out/demo/cube.zarr). Later stages
-(pretraining, inference, mosaic) are added here as they land.
+search it as the pipeline does, ingest it into a Zarr cube with Ray (out/demo/cube.zarr), and pretrain the
+``tiny`` model on it with Ray Train (out/demo/runs/demo-tiny-stage1). Later stages (inference, mosaic) are
+added here as they land.
 
-    python jobs/demo.py --out out/demo [--size-km 5] [--seed 0] [--hr-ratio 8] [--force]
+    python jobs/demo.py --out out/demo [--size-km 5] [--seed 0] [--hr-ratio 8] [--force] [--pretrain-steps 20]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline import demo, stac  # noqa: E402
 from pipeline.cube import CubeConfig  # noqa: E402
 from pipeline.grid import load_aoi  # noqa: E402
 from pipeline.ingest import cube_summary, run_ingest  # noqa: E402
+from pipeline.training import PretrainJobConfig, run_pretraining  # noqa: E402
 
 
 def build_region(out: Path, cfg: demo.DemoConfig, force: bool) -> Path:
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=demo.DemoConfig.seed)
     p.add_argument("--hr-ratio", type=int, default=demo.DemoConfig.hr_ratio)
     p.add_argument("--force", action="store_true", help="rebuild the demo region even if it exists")
+    p.add_argument("--pretrain-steps", type=int, default=20,
+                   help="stage-1 steps of the tiny preset on the demo cube (0 skips pretraining)")
     args = p.parse_args(argv)
     t0 = time.time()
     cfg = demo.DemoConfig(size_km=args.size_km, seed=args.seed, hr_ratio=args.hr_ratio)
@@ -76,8 +80,22 @@ def main(argv=None) -> int:
     cube_cfg = CubeConfig(hr_ratio=cfg.hr_ratio)
     report = run_ingest(str(catalog), load_aoi(bbox), date(cfg.year, 1, 1), date(cfg.year, 12, 31), cube, cube_cfg)
     print(cube_summary(cube))
-    print(f"\ndemo done in {time.time() - t0:.1f} s: {len(items)} items in {catalog}, cube {cube}")
-    return 0 if report.ok else 1
+    if not report.ok:
+        return 1
+
+    # Pretraining: SkySense stage 1 of the tiny preset on the cube with Ray Train (a re-run continues the run
+    # and stops at the same step count, so it only re-exports the weights).
+    run = None
+    if args.pretrain_steps > 0:
+        job = PretrainJobConfig(cube=str(cube), preset="tiny", stage=1, steps=args.pretrain_steps, batch_size=4,
+                                workers=1, out=str(args.out / "runs"), name="demo-tiny-stage1",
+                                checkpoint_every=max(args.pretrain_steps // 2, 1), warmup=2)
+        print(f"\npretrain -> {job.run_dir}")
+        run_pretraining(job)
+        run = job.run_dir
+    print(f"\ndemo done in {time.time() - t0:.1f} s: {len(items)} items in {catalog}, cube {cube}"
+          + (f", pretrained weights {run / 'model.safetensors'}" if run else ""))
+    return 0
 
 
 if __name__ == "__main__":

@@ -338,10 +338,15 @@ def read_cube(
     memory: float | None = None,
     override_num_blocks: int | None = None,
     ray_remote_args: Mapping[str, Any] | None = None,
+    progress_bars: bool = False,
     **datasource_kwargs,
 ) -> ray.data.Dataset:
     """``ray.data.read_datasource(CubeDatasource(cube, **datasource_kwargs))`` with fractional CPUs per read
-    task (on small machines whole CPUs starve the training or inference stage: shared/research/ray.md)."""
+    task (on small machines whole CPUs starve the training or inference stage: shared/research/ray.md).
+
+    Ray Data's progress bars are off unless ``progress_bars``: the jobs log their own progress per step or
+    tile, and the bars (re-drawn per epoch and per consumer) bury it in job logs."""
+    ray.data.DataContext.get_current().enable_progress_bars = progress_bars
     source = CubeDatasource(cube, **datasource_kwargs)
     return ray.data.read_datasource(
         source,

@@ -52,6 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.ingest import init_ray
+
 log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.safetensors"
@@ -707,18 +709,6 @@ def _export(cfg: PretrainJobConfig, module, run_dir: Path, data: dict, world: in
 # ------------------------------------------------------------------------------------------------------------------
 # the driver
 # ------------------------------------------------------------------------------------------------------------------
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    from pipeline.ingest import resolve_ray_address
-
-    if ray.is_initialized():
-        return
-    addr = resolve_ray_address(address)
-    extra = {"include_dashboard": False} if addr == "local" else {}
-    ray.init(address=addr, log_to_driver=True, logging_level=logging.WARNING, **extra)
-
-
 def build_dataset(cfg: PretrainJobConfig, info: CubeInfo):
     """The ``train`` dataset: cube windows (and, stage 1, views made on the CPU data workers)."""
     from pipeline.datasource import read_cube
@@ -743,7 +733,7 @@ def run_pretraining(cfg: PretrainJobConfig, ray_address: str | None = None, prog
 
     say = progress or (lambda s: None)
     cfg, info = resolve_config(cfg)
-    _init_ray(ray_address)
+    init_ray(ray_address)
     cpus = cfg.cpus_per_worker
     if cpus is None:
         total = ray.cluster_resources().get("CPU", 1)
