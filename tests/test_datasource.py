@@ -197,11 +197,24 @@ def test_labels_on_the_tile_grids(cube):
 
 
 def test_batches_feed_a_tiny_model(cube, torch_one_thread):
-    from skysense_core import build_model
+    import ray
 
     path, truth = cube["path"], cube["truth"]
     r = CFG.hr_ratio
-    # One tile: one read task, so every pass yields the rows in the same order.
+    # The passes below are compared row by row: one tile (one read task), and an order-preserving execution so
+    # that the extra map stage of drop_columns cannot reorder rows either.
+    ctx = ray.data.DataContext.get_current()
+    ordered = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        _batches_feed_a_tiny_model(path, truth, r, cube)
+    finally:
+        ctx.execution_options.preserve_order = ordered
+
+
+def _batches_feed_a_tiny_model(path, truth, r, cube):
+    from skysense_core import build_model
+
     ds = read_cube(path, tiles=[cube["inside"]], window=32, stride=24, labels=truth / "landcover_hr.tif")
     batch = next(iter(ds.iter_batches(batch_size=2, batch_format="numpy")))
     x, y = rows_to_input(batch)
