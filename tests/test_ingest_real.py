@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -25,6 +21,8 @@ from pipeline.grid import TileGrid, load_aoi, parse_tile_id, utm_epsg, utm_zone
 from pipeline.ingest import run_ingest
 from pipeline.stac import SearchQuery, StaticCatalogSource
 from tests.raster_ref import exact_bilinear, reproject_to_tile
+from tests.ray_head import ray_bin
+from tests.ray_head import ray_head as start_ray_head
 from tests.real_catalogs import bigearthnet_catalog, grd_catalog, naip_series_catalog, subset_catalog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,71 +181,11 @@ def test_api_path_builds_the_same_cube(pgstac_server, demo_region, tmp_path, ray
             np.testing.assert_array_equal(da[name].values, db[name].values, err_msg=f"{tid} {name}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
-
-
 @pytest.fixture
 def ray_head(tmp_path):
-    """A Ray head started by this test with `ray start --head --block`, stopped by signalling that process
-    group (never `ray stop`, which would stop every Ray on the machine)."""
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [
-            _ray_bin(),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dash}",
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=2",
-            "--disable-usage-stats",
-            "--include-dashboard=true",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
-        ],
-        env=env,
-        start_new_session=True,
-        stdout=open(tmp_path / "head.log", "w"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 90
-    import requests
-
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/api/version", timeout=2).ok:
-                break
-        except requests.RequestException:
-            pass
-        assert proc.poll() is None, (tmp_path / "head.log").read_text()
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("ray head did not come up:\n" + (tmp_path / "head.log").read_text())
-    try:
-        yield url, env
-    finally:
-        # `ray start` records the head in /tmp/ray/ray_current_cluster and only `ray stop` (which would stop
-        # every Ray on the machine) removes it: remove our own record so nothing attaches to a dead head.
-        record = Path("/tmp/ray/ray_current_cluster")
-        if record.exists() and record.read_text().strip().endswith(f":{port}"):
-            record.unlink()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """A Ray head started by this test (tests/ray_head.py)."""
+    with start_ray_head(tmp_path) as h:
+        yield h
 
 
 def test_ingest_through_ray_job_submit(ray_head, demo_region, tmp_path):
@@ -257,7 +195,7 @@ def test_ingest_through_ray_job_submit(ray_head, demo_region, tmp_path):
     bbox = [x0 + 0.45 * (x1 - x0), y0 + 0.45 * (y1 - y0), x0 + 0.55 * (x1 - x0), y0 + 0.55 * (y1 - y0)]
     out = tmp_path / "job.zarr"
     cmd = [
-        _ray_bin(),
+        ray_bin(),
         "job",
         "submit",
         "--address",

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,68 +30,23 @@ from pipeline.training import (
     views_to_columns,
 )
 from tests.model_inputs import make_batch
+from tests.ray_head import ray_bin, ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 # Windows of 16 S2 px (128 HR px) cut from 32-px tiles: 16 rows per epoch over 4 tiles.
 TRAIN_ARGS = ["--preset", "tiny", "--window", "16", "--warmup", "1", "--lr", "1e-3"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A 2-CPU Ray head started by this module with `ray start --head --block` (pattern of
     tests/test_ingest_real.py), stopped by signalling that process group only."""
-    logs = tmp_path_factory.mktemp("ray-head")
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [
-            _ray_bin(), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-            "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true",
-            f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-        ],
-        env=env, start_new_session=True, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{dash}"
-    import requests
-
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/api/version", timeout=2).ok:
-                break
-        except requests.RequestException:
-            pass
-        assert proc.poll() is None, (logs / "head.log").read_text()
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("ray head did not come up:\n" + (logs / "head.log").read_text())
-    try:
-        yield url, env
-    finally:
-        record = Path("/tmp/ray/ray_current_cluster")
-        if record.exists() and record.read_text().strip().endswith(f":{port}"):
-            record.unlink()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with ray_head(tmp_path_factory.mktemp("ray-head")) as h:
+        yield h
 
 
 def _submit_cmd(url: str, script: str, *args: str) -> list[str]:
-    return [_ray_bin(), "job", "submit", "--address", url, "--working-dir", str(REPO), "--", sys.executable,
+    return [ray_bin(), "job", "submit", "--address", url, "--working-dir", str(REPO), "--", sys.executable,
             script, *map(str, args)]
 
 
