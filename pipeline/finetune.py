@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.datasource import done_tiles, read_cube, rows_to_input
-from pipeline.labels import NODATA
+from pipeline.labels import NODATA, label_classes
 from skysense_core.checkpoint import load_checkpoint
 from skysense_core.heads import UPerHead
 
@@ -40,7 +40,7 @@ class FinetuneConfig:
     checkpoint: str
     out: str
     head: str = "upernet"
-    num_classes: int | None = None  # default: 1 + the largest class id in the training labels
+    num_classes: int | None = None  # default: the label raster's class_names tag, else 1 + the largest training id
     epochs: int = 5
     batch_size: int = 4
     lr: float = 1e-3
@@ -110,8 +110,8 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dic
     for p in model.parameters():
         p.requires_grad_(not cfg.freeze_encoder)
     train_tiles, val_tiles = split_tiles(done_tiles(cfg.cube), cfg.val_every)
-    num_classes = cfg.num_classes
-    if num_classes is None:
+    num_classes = cfg.num_classes or label_classes(cfg.labels)
+    if num_classes is None:  # an untagged raster: one extra pass over the training labels
         top = 0
         for batch in _batches(cfg.cube, train_tiles, cfg.window, cfg.labels, cfg.batch_size):
             lab = batch["labels_grid"]

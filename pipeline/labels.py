@@ -8,6 +8,7 @@ class map in this project. Only the part of the raster under the tile is read, s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,21 @@ def labels_on_grid(src: rasterio.DatasetReader, epsg: int, transform: Affine, sh
     res = np.full(shape, NODATA, np.uint8)
     res[~nodata] = values.astype(np.uint8)
     return res
+
+
+def label_classes(label_raster: str | Path) -> int | None:
+    """Number of classes of a label raster from its ``class_names`` tag (a JSON object {value: name}, as
+    ``pipeline.cog.write_cog`` writes it): the largest class value + 1. None when the raster has no such tag or
+    cannot be read here (the caller then asks for the count)."""
+    try:
+        with open_label_raster(label_raster) as src:
+            names = src.tags().get("class_names")
+    except (OSError, RasterioIOError, ValueError):
+        return None
+    if not names:
+        return None
+    values = [int(v) for v in json.loads(names)]
+    return max(values) + 1 if values else None
 
 
 def labels_on_tile(label_raster: str | Path, tile_id: str, cube: str | Path, hr: bool) -> np.ndarray:

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from pipeline.ingest import init_ray
+from pipeline.labels import label_classes
 
 log = logging.getLogger(__name__)
 
@@ -195,26 +196,6 @@ def default_labels(info: CubeInfo) -> str | None:
         p = root / "truth" / name
         if p.exists():
             return str(p)
-    return None
-
-
-def label_classes(labels: str | Path) -> int | None:
-    """Number of classes of a label raster: ``truth.json`` beside it, else its ``class_names`` tag."""
-    labels = Path(labels)
-    meta = labels.parent / "truth.json"
-    if meta.exists():
-        classes = json.loads(meta.read_text()).get("classes")
-        if classes:
-            return len(classes)
-    try:
-        import rasterio
-
-        with rasterio.open(labels) as src:
-            names = src.tags().get("class_names")
-        if names:
-            return len(json.loads(names))
-    except Exception:  # not readable here: the caller asks for --num-classes
-        return None
     return None
 
 

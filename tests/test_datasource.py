@@ -246,3 +246,18 @@ def _batches_feed_a_tiny_model(path, truth, r, cube):
     assert x3.modalities == ("s2", "s1") and torch.equal(x3.s1.mask, x.s1.mask) and torch.equal(y3, y)
     with pytest.raises(KeyError, match="hr"):
         rows_to_input({k: v for k, v in batch.items() if not k.startswith("hr")}, modalities=("hr",))
+
+
+def test_label_classes_come_from_the_rasters_own_tag(demo_region, tmp_path):
+    from pipeline.labels import label_classes
+
+    truth = demo_region[0].parent / "truth"
+    assert label_classes(truth / "landcover_10m.tif") == 7
+    assert label_classes(truth / "flood_20241022.tif") == 3  # its own classes, not the land-cover ones
+    untagged = tmp_path / "untagged.tif"
+    with rasterio.open(truth / "flood_20241022.tif") as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(untagged, "w", **profile) as dst:
+        dst.write(data)
+    assert label_classes(untagged) is None
+    assert label_classes(tmp_path / "missing.tif") is None
