@@ -746,12 +746,6 @@ def run_pretraining(cfg: PretrainJobConfig, ray_address: str | None = None, prog
     return result
 
 
-def final_step(run_dir: str | Path) -> int | None:
-    """The step of the exported model (from ``model_card.json``), None if there is none yet."""
-    p = Path(run_dir) / CARD
-    return json.loads(p.read_text())["steps"] if p.exists() else None
-
-
 __all__ = [
     "PretrainJobConfig", "build_dataset", "columns_to_views", "cube_info", "default_labels", "lr_lambda",
     "make_view_columns", "plot_losses", "pretrain_config", "read_metrics", "replicas_identical", "resolve_config",
