@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts allowed")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="Ray CPUs per train worker (default 0.5 on small machines, else 1)")
+    p.add_argument("--min-valid", type=float, default=d.min_valid,
+                   help="skip training windows with less data coverage than this fraction (0: keep all)")
     p.add_argument("--data-cpus", type=float, default=d.data_cpus, help="Ray CPUs per read / view task")
     p.add_argument("--views-in-loop", action="store_true", help="stage 1: make views in the training loop")
     p.add_argument("--set", dest="model_overrides", type=_kv, action="append", default=[], metavar="KEY=VALUE",

@@ -34,6 +34,7 @@ Ray Data does not keep row order across read tasks (each tile is one task unless
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ import numpy as np
 import ray
 import zarr
 from ray.data import Datasource, ReadTask
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -130,19 +132,27 @@ class _Spec:
     xs: tuple[int, ...]
     window: int  # window side in S2 px (= size for whole tiles)
     labels: str | None
+    min_valid: float = 0.0  # windows with a smaller fraction of covered S2-grid pixels are dropped
 
     @property
     def windows(self) -> list[tuple[int, int]]:
         return [(y, x) for y in self.ys for x in self.xs]
 
 
-def _read_tile(spec: _Spec, tile_id: str, lat: float, lon: float, label_src) -> dict[str, np.ndarray]:
+def _read_tile(spec: _Spec, tile_id: str, lat: float, lon: float, label_src) -> dict[str, np.ndarray] | None:
+    """The rows of one tile (None when ``min_valid`` drops every window)."""
     g = zarr.open_group(spec.cube, path=zarr_cube.tile_group(tile_id), mode="r", zarr_format=3)
     attrs = dict(g.attrs)
     if not attrs.get(zarr_cube.DONE_ATTR):
         raise zarr_cube.CubeError(f"tile {tile_id} is not (completely) written in {spec.cube}")
     wins = spec.windows
-    n, w, r = len(wins), spec.window, spec.hr_ratio
+    w, r = spec.window, spec.hr_ratio
+    if spec.min_valid > 0:
+        cover = _coverage(g, spec.modalities, r)
+        wins = [(y, x) for y, x in wins if cover[y : y + w, x : x + w].mean() >= spec.min_valid]
+    n = len(wins)
+    if n == 0:
+        return None
     out: dict[str, np.ndarray] = {
         "tile_id": np.array([tile_id] * n),
         "y0": np.array([y for y, _ in wins], np.int64),
@@ -173,11 +183,27 @@ def _read_tile(spec: _Spec, tile_id: str, lat: float, lon: float, label_src) -> 
     return out
 
 
+def _coverage(g: zarr.Group, modalities: Sequence[str], hr_ratio: int) -> np.ndarray:
+    """(H, W) bool on the S2 grid: some modality has a usable pixel there on some date (HR pooled: any of its
+    ``hr_ratio`` x ``hr_ratio`` pixels)."""
+    cover = None
+    for m in modalities:
+        mask = g[f"{m}_mask"][...].astype(bool) & g[f"{m}_valid"][...].astype(bool)[:, None, None]
+        any_t = mask.any(0)
+        if m == "hr":
+            h, w = any_t.shape
+            any_t = any_t.reshape(h // hr_ratio, hr_ratio, w // hr_ratio, hr_ratio).any((1, 3))
+        cover = any_t if cover is None else cover | any_t
+    return cover
+
+
 def _read_group(spec: _Spec, group: list[tuple[str, float, float]]) -> Iterator[Block]:
     label_src = open_label_raster(spec.labels) if spec.labels else None
     try:
         for tile_id, lat, lon in group:
-            yield BlockAccessor.batch_to_block(_read_tile(spec, tile_id, lat, lon, label_src))
+            rows = _read_tile(spec, tile_id, lat, lon, label_src)
+            if rows is not None:
+                yield BlockAccessor.batch_to_block(rows)
     finally:
         if label_src is not None:
             label_src.close()
@@ -194,6 +220,12 @@ class CubeDatasource(Datasource):
     labels: a categorical raster (any CRS / resolution) added as ``labels`` (HR grid) and ``labels_grid``
         (10 m grid), cut like the data (:mod:`pipeline.labels`).
     tiles_per_task: tiles per read task (fewer, larger tasks for many small tiles); each tile is one block.
+    min_valid: drop windows where less than this fraction of the S2-grid pixels is covered by a usable pixel of
+        some modality on some date (training on windows outside the AOI teaches nothing); 0 keeps every window,
+        and then the row count is exact.
+    shuffle: the read tasks (tiles) in a new random order every time the dataset executes (every epoch), without
+        the all-to-all barrier of ``Dataset.randomize_block_order``, which reads the whole epoch before the
+        first row leaves; windows within a tile stay together (shuffle those with a local shuffle buffer).
 
     See the module docstring for the row schema.
     """
@@ -208,6 +240,8 @@ class CubeDatasource(Datasource):
         stride: int | None = None,
         labels: str | Path | None = None,
         tiles_per_task: int = 1,
+        min_valid: float = 0.0,
+        shuffle: bool = False,
     ):
         super().__init__()
         cube = str(Path(cube).resolve())  # workers may run in another working directory
@@ -230,6 +264,8 @@ class CubeDatasource(Datasource):
             not_done = [ids[i] for i in sel if status[i] != zarr_cube.DONE and not zarr_cube.is_done(cube, ids[i])]
             if not_done:
                 raise ValueError(f"{len(not_done)} tiles are not done in {cube}, e.g. {not_done[0]}")
+        if not 0.0 <= min_valid <= 1.0:
+            raise ValueError(f"min_valid must be a fraction in [0, 1], got {min_valid}")
         if tiles_per_task < 1:
             raise ValueError(f"tiles_per_task must be >= 1, got {tiles_per_task}")
         mods = tuple(modalities) if modalities is not None else MODALITIES
@@ -259,10 +295,12 @@ class CubeDatasource(Datasource):
             xs=tuple(ys),
             window=size if window is None else window,
             labels=labels,
+            min_valid=float(min_valid),
         )
         self._times = {"hr": cfg.t_hr, "s2": cfg.t_s2, "s1": cfg.t_s1}
         self._tiles = [(ids[i], float(lat[i]), float(lon[i])) for i in sel]
         self._tiles_per_task = tiles_per_task
+        self._shuffle = shuffle
 
     # -- what the dataset will hold -------------------------------------------------------------------------
     @property
@@ -287,6 +325,7 @@ class CubeDatasource(Datasource):
         return self._spec.window
 
     def num_rows(self) -> int:
+        """Rows of the dataset (an upper bound with ``min_valid`` > 0)."""
         return len(self._tiles) * len(self._spec.windows)
 
     def row_bytes(self) -> int:
@@ -313,22 +352,63 @@ class CubeDatasource(Datasource):
         n = len(self._tiles)
         if n == 0:
             return []
+        order = np.random.default_rng().permutation(n) if self._shuffle else np.arange(n)
         n_tasks = math.ceil(n / self._tiles_per_task)
         if parallelism is not None and parallelism > 0:
             n_tasks = min(n_tasks, parallelism)
         spec, per_tile = self._spec, len(self._spec.windows)
         row_bytes = self.row_bytes()
         tasks = []
-        for part in np.array_split(np.arange(n), n_tasks):
+        for part in np.array_split(order, n_tasks):
             group = [self._tiles[i] for i in part]
             rows = len(group) * per_tile
+            size_bytes = int(rows * row_bytes)  # an upper bound when min_valid drops windows
 
             def read_fn(group=group) -> Iterator[Block]:
                 return _read_group(spec, group)
 
-            meta = BlockMetadata(num_rows=rows, size_bytes=int(rows * row_bytes), exec_stats=None, input_files=None)
+            if spec.min_valid > 0:
+                rows = None  # unknown until read: windows below min_valid are dropped
+            meta = BlockMetadata(num_rows=rows, size_bytes=size_bytes, exec_stats=None, input_files=None)
             tasks.append(ReadTask(read_fn, meta, per_task_row_limit=per_task_row_limit))
         return tasks
+
+
+class IdleBackoff(ExecutionCallback):
+    """Ray Data execution callback: a 20 ms sleep after every scheduling-loop step in which nothing moved (no
+    input taken, no task submitted or finished, no output produced or taken by the consumer).
+
+    Ray 2.60's streaming executor blocks (``ray.wait``, 0.1 s) only on tasks that are still running. When every
+    operator is backpressured by a slow consumer -- a training loop, an inference actor -- and the finished
+    tasks' outputs may not be read yet, ``ray.wait`` returns at once and the loop spins: we measured the
+    ``SplitCoordinator`` of a pretraining run at 55-100 % of a core on a 2-core machine, next to the trainer
+    (bench/pretrain.py). The sleep adds at most 20 ms of latency when data does arrive."""
+
+    SLEEP_S = 0.02
+
+    def __init__(self) -> None:
+        self._last: tuple | None = None
+
+    @staticmethod
+    def _signature(topology) -> tuple:
+        sig = []
+        for op in topology:
+            m = op.metrics
+            sig.append((m.num_inputs_received, m.num_tasks_submitted, m.num_tasks_finished,
+                        m.num_task_outputs_generated, m.num_outputs_taken, m.num_external_outqueue_blocks))
+        return tuple(sig)
+
+    def on_execution_step(self, executor) -> None:
+        topology = getattr(executor, "_topology", None)  # private in 2.60; without it we do nothing
+        if not topology:
+            return
+        try:
+            sig = self._signature(topology)
+        except AttributeError:  # another Ray version's metrics: no back-off rather than a broken dataset
+            return
+        if sig == self._last:
+            time.sleep(self.SLEEP_S)
+        self._last = sig
 
 
 def read_cube(
@@ -346,7 +426,10 @@ def read_cube(
 
     Ray Data's progress bars are off unless ``progress_bars``: the jobs log their own progress per step or
     tile, and the bars (re-drawn per epoch and per consumer) bury it in job logs."""
-    ray.data.DataContext.get_current().enable_progress_bars = progress_bars
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars
+    if IdleBackoff not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(IdleBackoff)
     source = CubeDatasource(cube, **datasource_kwargs)
     return ray.data.read_datasource(
         source,

@@ -113,14 +113,16 @@ def resolve_ray_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, log_to_driver: bool = True) -> None:
+    """Connect to (or start) Ray once per process. ``log_to_driver=False``: the workers' output stays in
+    their log files instead of this process's stdout (benchmarks that print JSON lines)."""
     import ray
 
     if ray.is_initialized():
         return
     addr = resolve_ray_address(address)
     extra = {"include_dashboard": False} if addr == "local" else {}
-    ray.init(address=addr, log_to_driver=True, logging_level=logging.WARNING, **extra)
+    ray.init(address=addr, log_to_driver=log_to_driver, logging_level=logging.WARNING, **extra)
 
 
 def run_ingest(

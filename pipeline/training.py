@@ -4,7 +4,8 @@
                                                batch_size=8, workers=2, out="runs"))
 
 The data path (driver): ``pipeline.datasource.read_cube`` -> one row per ``window``-px window of every done tile
-(fractional CPUs); for stage 1 a ``map_batches`` stage on the CPU data workers draws the multi-crop views
+(fractional CPUs); for stage 1 a ``map_batches`` stage on a pool of CPU actors (:class:`ViewMaker`, one per train
+worker at most) draws the multi-crop views
 (``skysense_core.augment.make_views``, the pretrainer's recipe) and flattens them into numpy columns
 (:func:`views_to_columns`), so the training loop only decodes them (:func:`columns_to_views`) and never augments.
 Stage 2 reads the label raster reprojected onto the HR grid by the datasource (``labels=``).
@@ -30,7 +31,8 @@ step, rows after the resumed checkpoint dropped on resume), ``loss_curve.png``, 
 weights: student as ``model.``, teacher, heads) and ``model_card.json``.
 
 The data position is recorded (epoch, batches into the epoch) but not replayed: a resumed run starts a new pass
-over the data (views are random anyway).
+over the data. Ray Data's streaming order is not reproducible across executions (tasks finish in any order,
+tiles are shuffled per epoch, views are random), so "the same next batch" does not exist to resume at.
 """
 
 from __future__ import annotations
@@ -83,7 +85,12 @@ class PretrainJobConfig:
     no checkpoint yet. model_overrides / pretrain_overrides: ``ModelConfig`` / ``PretrainConfig`` fields
     (``n_local`` / ``n_global`` go into its ``AugmentConfig``). cpus_per_worker: Ray CPUs per train worker
     (default 0.5 on small clusters, else 1). data_cpus: Ray CPUs per read / view task. views_on_data_workers: make
-    stage-1 views in Ray Data (default) or in the loop. write_pids: test hook, each rank writes ``pids/rank<r>.pid``.
+    stage-1 views in Ray Data (default) or in the loop. shuffle_buffer: rows of the local shuffle buffer each
+    worker draws its batches from (a tile's windows arrive together; this mixes tiles within a batch; 0: off).
+    min_valid: windows with less data coverage than this fraction are not trained on (``CubeDatasource``).
+    data_buffer_mb: object-store budget of the training data stream, so the data workers run at most this far
+    ahead of the loop instead of making a whole epoch of views up front and taking the trainer's CPU while they
+    do. write_pids: test hook, each rank writes ``pids/rank<r>.pid``.
     """
 
     cube: str
@@ -111,6 +118,9 @@ class PretrainJobConfig:
     data_cpus: float = 0.25
     views_on_data_workers: bool = True
     grad_clip: float = 3.0
+    shuffle_buffer: int = 64
+    min_valid: float = 0.5
+    data_buffer_mb: float = 512.0
     write_pids: bool = False
 
     @property
@@ -209,6 +219,8 @@ def resolve_config(cfg: PretrainJobConfig) -> tuple[PretrainJobConfig, CubeInfo]
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.batch_size < cfg.workers:
         raise ValueError(f"the global batch {cfg.batch_size} is smaller than the {cfg.workers} workers")
+    if not 0.0 <= cfg.min_valid <= 1.0:
+        raise ValueError(f"min_valid must be a fraction in [0, 1], got {cfg.min_valid}")
     if cfg.warmup < 0 or cfg.lr <= 0:
         raise ValueError("lr must be positive and warmup non-negative")
     if not Path(cfg.cube).exists():
@@ -317,6 +329,18 @@ def make_view_columns(batch: dict[str, np.ndarray], *, hr_ratio: int, augment, m
     if "tile_id" in batch:
         cols["tile_id"] = np.asarray(batch["tile_id"])
     return cols
+
+
+class ViewMaker:
+    """:func:`make_view_columns` as a Ray Data actor: the actor imports torch and the model package once and
+    keeps them, where a task per batch pays the imports, a worker start and a scheduling round trip each time
+    (on 2 cores we measured 20 s of latency per view task that way; bench/pretrain.py)."""
+
+    def __init__(self, hr_ratio: int, augment, modalities=None):
+        self.kw = {"hr_ratio": hr_ratio, "augment": augment, "modalities": modalities}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return make_view_columns(batch, **self.kw)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -587,7 +611,19 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         say(f"[pretrain] checkpoint at step {step}" + ("" if synced else " (replicas differ!)"))
 
-    shard = ray.train.get_dataset_shard("train")
+    memory_batches = config.get("memory_batches")
+    if memory_batches is not None:  # bench/pretrain.py's baseline: the same loop over batches held in memory
+        memory_batches = memory_batches[rank::world]
+
+        def epoch_batches():
+            return iter(memory_batches)
+    else:
+        shard = ray.train.get_dataset_shard("train")
+
+        def epoch_batches():
+            return shard.iter_batches(batch_format="numpy", batch_size=cfg.per_worker_batch, prefetch_batches=2,
+                                      local_shuffle_buffer_size=cfg.shuffle_buffer or None)
+
     last_logs: dict = {}
     modalities = config.get("modalities")
     if step < cfg.steps:
@@ -596,7 +632,7 @@ def train_loop_per_worker(config: dict) -> None:
     while step < cfg.steps:
         got = 0
         t_last = time.perf_counter()
-        for batch in shard.iter_batches(batch_format="numpy", batch_size=cfg.per_worker_batch, prefetch_batches=2):
+        for batch in epoch_batches():
             got += 1
             n = len(next(iter(batch.values())))
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
@@ -694,22 +730,40 @@ def build_dataset(cfg: PretrainJobConfig, info: CubeInfo):
     """The ``train`` dataset: cube windows (and, stage 1, views made on the CPU data workers)."""
     from pipeline.datasource import read_cube
 
-    kw = {"window": cfg.window, "num_cpus": cfg.data_cpus}
+    kw = {"window": cfg.window, "num_cpus": cfg.data_cpus, "min_valid": cfg.min_valid}
     if cfg.stage == 2:
         kw["labels"] = cfg.labels
-    ds = read_cube(info.path, **kw)
+    ds = read_cube(info.path, shuffle=True, **kw)  # tiles in a new order every epoch, still streamed
     if cfg.stage == 1 and cfg.views_on_data_workers:
         aug = augment_config(cfg.preset, info.hr_ratio, cfg.model_overrides, cfg.pretrain_overrides)
-        ds = ds.map_batches(make_view_columns, fn_kwargs={"hr_ratio": info.hr_ratio, "augment": aug},
-                            batch_format="numpy", batch_size=cfg.per_worker_batch, num_cpus=cfg.data_cpus)
+        import ray.data
+
+        # views are per sample: the view batch only sizes the work per actor call, not the training batch
+        ds = ds.map_batches(ViewMaker, fn_constructor_kwargs={"hr_ratio": info.hr_ratio, "augment": aug},
+                            batch_format="numpy", batch_size=max(cfg.per_worker_batch, 16), num_cpus=cfg.data_cpus,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.workers)))
     return ds
 
 
-def run_pretraining(cfg: PretrainJobConfig, ray_address: str | None = None, progress=print):
+def ingest_options(buffer_mb: float):
+    """Ray Train's default ingest options with the object-store budget of the stream capped at ``buffer_mb``."""
+    from ray.train import DataConfig
+
+    opts = DataConfig.default_ingest_options()
+    opts.resource_limits = opts.resource_limits.copy(object_store_memory=buffer_mb * 2**20)
+    return opts
+
+
+def run_pretraining(cfg: PretrainJobConfig, ray_address: str | None = None, progress=print,
+                    memory_batches: list[dict[str, np.ndarray]] | None = None):
     """Pretrain as ``cfg`` says; returns Ray Train's ``Result``. Raises ``ValueError`` / ``CubeError`` on bad
-    input (before Ray starts) and ``ray.train.TrainingFailedError`` when training fails beyond ``max_failures``."""
+    input (before Ray starts) and ``ray.train.TrainingFailedError`` when training fails beyond ``max_failures``.
+
+    ``memory_batches``: the baseline of ``bench/pretrain.py`` -- no Ray Data: every worker cycles over its share
+    (``batches[rank::world]``) of these per-worker batches (the columns the dataset would yield, e.g. from
+    :func:`materialize_batches`) instead of pulling a dataset shard."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     say = progress or (lambda s: None)
@@ -724,12 +778,13 @@ def run_pretraining(cfg: PretrainJobConfig, ray_address: str | None = None, prog
     say(f"[pretrain] run {run_dir}: cube {info.path} ({info.tiles_done} tiles, {info.start}..{info.end}), "
         f"window {cfg.window} px, preset {cfg.preset}, stage {cfg.stage}, {cfg.steps} steps, "
         f"{cfg.workers} worker(s) x {cpus} CPU{' + 1 GPU' if cfg.gpu else ''}")
-    ds = build_dataset(cfg, info)
+    ds = build_dataset(cfg, info) if memory_batches is None else None
     data = {"cube": info.path, "tiles": info.tiles_done, "start": info.start, "end": info.end,
             "hr_ratio": info.hr_ratio, "tile_side_px": info.tile_side}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": asdict(cfg), "hr_ratio": info.hr_ratio, "modalities": None, "data": data},
+        train_loop_config={"job": asdict(cfg), "hr_ratio": info.hr_ratio, "modalities": None, "data": data,
+                           "memory_batches": memory_batches},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=cfg.run_name,
@@ -737,7 +792,8 @@ def run_pretraining(cfg: PretrainJobConfig, ray_address: str | None = None, prog
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": ds},
+        datasets={"train": ds} if ds is not None else None,
+        dataset_config=DataConfig(execution_options=ingest_options(cfg.data_buffer_mb)),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -746,9 +802,27 @@ def run_pretraining(cfg: PretrainJobConfig, ray_address: str | None = None, prog
     return result
 
 
+def materialize_batches(cfg: PretrainJobConfig, n_batches: int, ray_address: str | None = None) -> list[dict]:
+    """The first ``n_batches`` per-worker batches of the ``train`` dataset (:func:`build_dataset`), in memory on
+    the driver: what ``run_pretraining(memory_batches=...)`` feeds the loop with."""
+    cfg, info = resolve_config(cfg)
+    init_ray(ray_address)
+    out = []
+    while len(out) < n_batches:  # cycle epochs when the cube has fewer windows than asked
+        before = len(out)
+        for batch in build_dataset(cfg, info).iter_batches(batch_format="numpy", batch_size=cfg.per_worker_batch):
+            if len(next(iter(batch.values()))) == cfg.per_worker_batch:
+                out.append(batch)
+            if len(out) == n_batches:
+                break
+        if len(out) == before:
+            raise ValueError(f"the dataset has no full batch of {cfg.per_worker_batch} windows")
+    return out
+
+
 __all__ = [
-    "PretrainJobConfig", "build_dataset", "columns_to_views", "cube_info", "default_labels", "lr_lambda",
-    "make_view_columns", "plot_losses", "pretrain_config", "read_metrics", "replicas_identical", "resolve_config",
-    "run_pretraining", "train_loop_per_worker", "views_to_columns",
+    "PretrainJobConfig", "build_dataset", "columns_to_views", "cube_info", "default_labels", "ingest_options",
+    "lr_lambda", "ViewMaker", "make_view_columns", "materialize_batches", "plot_losses", "pretrain_config", "read_metrics",
+    "replicas_identical", "resolve_config", "run_pretraining", "train_loop_per_worker", "views_to_columns",
 ]
 

@@ -134,6 +134,53 @@ def test_windows_cover_each_tile_exactly(cube):
     np.testing.assert_array_equal(got_hr, hr)
 
 
+def _coverage_from_cube(path, tid) -> np.ndarray:
+    """(H, W) on the S2 grid: some modality has a usable pixel on some date (HR: any pixel of the 8 x 8 block)."""
+    ref = zarr_cube.open_tile(path, tid)
+    r = CFG.hr_ratio
+    cover = np.zeros((CFG.grid.size_px,) * 2, bool)
+    for m in ("s2", "s1", "hr"):
+        mask = ref[f"{m}_mask"].values.astype(bool) & ref[f"{m}_valid"].values.astype(bool)[:, None, None]
+        any_t = mask.any(0)
+        if m == "hr":
+            any_t = any_t.reshape(any_t.shape[0] // r, r, any_t.shape[1] // r, r).any((1, 3))
+        cover |= any_t
+    return cover
+
+
+def test_min_valid_drops_the_windows_without_data_and_keeps_the_rest(cube):
+    path, w = cube["path"], 16
+    all_wins = {(t, y, x) for t in cube["done"] for y in window_origins(CFG.grid.size_px, w)
+                for x in window_origins(CFG.grid.size_px, w)}
+    rows = read_cube(path, window=w, min_valid=0.5).take_all()
+    got = {(str(r["tile_id"]), int(r["y0"]), int(r["x0"])) for r in rows}
+    assert len(got) == len(rows)  # each window once
+    covers = {t: _coverage_from_cube(path, t) for t in cube["done"]}
+    expect = {(t, y, x) for t, y, x in all_wins if covers[t][y : y + w, x : x + w].mean() >= 0.5}
+    assert got == expect
+    by_tile = Counter(t for t, _, _ in got)
+    assert by_tile[cube["inside"]] == 25 and 0 < by_tile[cube["edge"]] < 25  # the edge tile sticks out
+    assert len(read_cube(path, window=w).take_all()) == len(all_wins)  # min_valid 0 keeps every window
+    with pytest.raises(ValueError, match="min_valid"):
+        CubeDatasource(path, min_valid=1.5)
+
+
+def test_shuffle_reorders_the_tiles_every_execution(cube):
+    src = CubeDatasource(cube["path"], shuffle=True, modalities=("s1",))
+    orders = {tuple(_first_tile(task) for task in src.get_read_tasks(100)) for _ in range(30)}
+    assert all(sorted(o) == cube["done"] for o in orders)
+    assert len(orders) > 1  # 3 tiles: 30 draws of 6 orders all equal has probability 6**-29
+    plain = CubeDatasource(cube["path"], modalities=("s1",))
+    assert [_first_tile(t) for t in plain.get_read_tasks(100)] == cube["done"]
+
+
+def _first_tile(task) -> str:
+    from ray.data.block import BlockAccessor
+
+    block = next(iter(task()))
+    return str(BlockAccessor.for_block(block).to_numpy("tile_id")[0])
+
+
 def test_row_values_equal_the_cube(cube):
     path, tid = cube["path"], cube["edge"]
     (row,) = read_cube(path, tiles=[tid]).take_all()
