@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=4, help="hold out every N-th tile for validation")
     p.add_argument("--unfreeze", action="store_true", help="train the encoder too (default: frozen)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop training after N optimiser steps")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     return p.parse_args(argv)
 
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     init_ray(a.ray_address)
     cfg = FinetuneConfig(cube=a.cube, labels=a.labels, checkpoint=a.checkpoint, out=a.out, head=a.head,
                          num_classes=a.num_classes, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                         window=a.window, val_every=a.val_every, freeze_encoder=not a.unfreeze, seed=a.seed)
+                         window=a.window, val_every=a.val_every, freeze_encoder=not a.unfreeze, seed=a.seed,
+                         max_steps=a.max_steps)
     try:
         metrics = run_finetune(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:

@@ -16,6 +16,34 @@ from affine import Affine
 from rasterio.crs import CRS
 
 
+def cog_options(
+    dtype: np.dtype | str,
+    *,
+    paletted: bool = False,
+    blocksize: int = 256,
+    overview_resampling: str = "average",
+    num_threads: int | str | None = None,
+) -> dict[str, object]:
+    """The COG driver's creation options for rasters of ``dtype``, as rasterio profile keys (lower case; GDAL
+    takes them as the upper-case ``-co`` options): deflate, a predictor suited to the data, internal tiles of
+    ``blocksize`` pixels, overviews resampled with ``overview_resampling``, BigTIFF when it might be needed.
+    ``num_threads``: GDAL threads for compression and overviews (``"ALL_CPUS"`` or a count; None: GDAL's
+    default, one)."""
+    predictor = "FLOATING_POINT" if np.issubdtype(np.dtype(dtype), np.floating) else "STANDARD"
+    if paletted:
+        predictor = "NO"  # paletted rasters compress better without the horizontal predictor
+    opts: dict[str, object] = dict(
+        compress="deflate",
+        predictor=predictor,
+        blocksize=blocksize,
+        overview_resampling=overview_resampling,
+        bigtiff="if_safer",
+    )
+    if num_threads is not None:
+        opts["num_threads"] = str(num_threads)
+    return opts
+
+
 def write_cog(
     path: str | os.PathLike,
     data: np.ndarray,
@@ -39,9 +67,6 @@ def write_cog(
     count, height, width = arr.shape
     if isinstance(crs, int):
         crs = CRS.from_epsg(crs)
-    predictor = "FLOATING_POINT" if np.issubdtype(arr.dtype, np.floating) else "STANDARD"
-    if colormap is not None:
-        predictor = "NO"  # paletted rasters compress better without the horizontal predictor
     profile = dict(
         driver="COG",
         width=width,
@@ -51,11 +76,9 @@ def write_cog(
         crs=crs,
         transform=transform,
         nodata=nodata,
-        compress="deflate",
-        predictor=predictor,
-        blocksize=blocksize,
-        overview_resampling=overview_resampling,
-        bigtiff="if_safer",
+        **cog_options(
+            arr.dtype, paletted=colormap is not None, blocksize=blocksize, overview_resampling=overview_resampling
+        ),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -821,8 +821,9 @@ def materialize_batches(cfg: PretrainJobConfig, n_batches: int, ray_address: str
 
 
 __all__ = [
-    "PretrainJobConfig", "build_dataset", "columns_to_views", "cube_info", "default_labels", "ingest_options",
-    "lr_lambda", "ViewMaker", "make_view_columns", "materialize_batches", "plot_losses", "pretrain_config", "read_metrics",
-    "replicas_identical", "resolve_config", "run_pretraining", "train_loop_per_worker", "views_to_columns",
+    "build_dataset", "columns_to_views", "cube_info", "default_labels", "ingest_options", "lr_lambda",
+    "make_view_columns", "materialize_batches", "plot_losses", "pretrain_config", "PretrainJobConfig",
+    "read_metrics", "replicas_identical", "resolve_config", "run_pretraining", "train_loop_per_worker", "ViewMaker",
+    "views_to_columns",
 ]
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from datetime import date
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,16 @@ from pyproj import Transformer
 from safetensors.torch import load_file
 
 from pipeline.cube import CubeConfig
-from pipeline.finetune import FinetuneConfig, confusion, iou_from_confusion, run_finetune, split_tiles
+from pipeline.finetune import (
+    FinetuneConfig,
+    confusion,
+    file_sha256,
+    iou_from_confusion,
+    load_head,
+    read_head_info,
+    run_finetune,
+    split_tiles,
+)
 from pipeline.grid import TileGrid, load_aoi
 from pipeline.ingest import run_ingest
 from skysense_core import build_model
@@ -68,6 +78,14 @@ def test_finetune_reports_validation_miou_on_held_out_tiles(labelled_cube, head,
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["steps"] > 0
     assert json.loads((out / "metrics.json").read_text())["miou"] == metrics["miou"]
     assert load_file(str(out / "head.safetensors"))
+    # the head describes itself for jobs/infer.py: its encoder (path + sha256), preset, classes and colours
+    info = read_head_info(out)
+    assert info.kind == head and info.num_classes == 7 and info.in_dim == 64 and info.window == 16
+    assert info.encoder == str(Path(labelled_cube["checkpoint"]).resolve())
+    assert info.encoder_sha256 == file_sha256(labelled_cube["checkpoint"]) and info.preset == "tiny"
+    assert info.class_names[0] == "water" and len(info.colormap) >= 7 and len(info.colormap[0]) == 4
+    module, _ = load_head(out)
+    assert not module.training and sum(p.numel() for p in module.parameters()) > 0
 
 
 def test_job_rejects_bad_input(tmp_path):

@@ -1,0 +1,1131 @@
+"""Inference over the cube on Ray: sliding windows blended per tile, per-tile GeoTIFFs with a manifest, then one
+COG (``pipeline.mosaic``), a quicklook PNG and a STAC item (``pipeline.product_item``).
+
+    result = run_inference(InferenceConfig(cube="out/demo/cube.zarr", checkpoint="runs/probe",
+                                           task="landcover", out="out/landcover.tif"))
+
+Tasks (``checkpoint`` is a fine-tune run directory or its ``head.safetensors``, which names its encoder, or, for
+``fewshot`` and ``embeddings``, an encoder checkpoint itself):
+
+* ``landcover``: F_fus -> the fine-tuned head (``pipeline.finetune``) -> class logits; uint8 class map.
+* ``fewshot``: SkySense++ in-context segmentation (``skysense_core.semantic.few_shot_segment``, the k support
+  windows stacked above each query window) -> class probabilities; uint8 class map. Support: k labelled tiles
+  (:func:`parse_support`); of each, the window with the most labelled pixels.
+* ``embeddings``: F_fus itself (B, 2D, h, w), float32 bands, nodata NaN.
+
+The data path (driver = :func:`run_inference`)::
+
+    read_cube(tiles=todo, window=None)   one row per tile sample WITH its halo, fractional CPUs, one tile per task
+      -> map_batches(TilePredictor)      actor pool (ActorPoolStrategy(min_size=1, max_size=N)); 1 GPU per actor
+                                         when --gpu (bf16 autocast on CUDA only); the model is loaded once per actor
+      -> map_batches(write_tile_outputs) the per-tile sink: the tile core as a GeoTIFF in the tile's UTM CRS,
+                                         temp file + os.replace; returns one small status row per tile
+      -> the driver iterates the status rows and appends them to the manifest log as they arrive
+
+Windows: ``window`` S2 px every ``window - overlap`` px inside the tile sample, the last window anchored to the
+edge (``pipeline.datasource.window_origins``); HR windows are ``hr_ratio`` times larger. Logits (probabilities
+for few-shot, features for embeddings) are accumulated with a 2-D Hann weight evaluated at half-pixel offsets,
+so it is never 0 and the outermost pixels of the sample are predicted too; only the core is written. Pixels
+where no modality has a usable pixel on any valid date (the model's own keep rule, HR pooled to the grid at
+half its pixels) are nodata. Normalisation happens inside the model (``skysense_core.inputs.normalise``).
+
+Per-tile directory ``<work_dir>/<name>/`` (default ``<out dir>/<out stem>.tiles/``)::
+
+    tiles/<tile_id>.tif    the tile core (tile_px x tile_px at 10 m), uint8 nodata 255 + colour table, or float32
+                           bands nodata NaN; written atomically
+    manifest.json          {"format", "fingerprint", "tiles": {tile_id: {"status": "done", "file", "seconds",
+                           "worker"} | {"status": "failed", "reason"}}, "runs": [...]}, written atomically
+    manifest.log.jsonl     records appended by the driver as tiles finish (a killed driver loses none that
+                           were written to it); folded into manifest.json at the end of every run
+    pids/actor-<pid>.pid   test hook (``write_pids``)
+
+A re-run with the same fingerprint (task, encoder and head sha256, support, window, overlap, cube, precision)
+skips every tile recorded done whose file exists; a different fingerprint starts the records over. A tile that
+fails (unreadable, missing from the cube, an exception in the model) is recorded with its reason and does not
+stop the others; the mosaic is made when every tile is done, or with ``allow_partial``.
+
+Why the sink is a map stage and not a ``ray.data.Datasink``: a Datasink reports to the driver only at the end of
+the write (``on_write_complete``), and the manifest must grow tile by tile so that a stopped job resumes where
+it stopped. Why read failures are dropped blocks (``DataContext.max_errored_blocks``) and not rows: the
+datasource raises on a tile it cannot read; with one tile per read task that loses only that tile, and the
+driver re-reads the tiles that never arrived to record why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import zarr_cube
+from pipeline.datasource import MODALITIES, CubeDatasource, rows_to_input, window_origins
+from pipeline.grid import parse_tile_id, utm_epsg, utm_zone
+from pipeline.labels import NODATA
+
+if TYPE_CHECKING:  # pipeline.finetune imports torch: the read and write workers never need it
+    from pipeline.finetune import HeadInfo
+
+TASKS = ("landcover", "fewshot", "embeddings")
+MANIFEST = "manifest.json"
+MANIFEST_LOG = "manifest.log.jsonl"
+MANIFEST_FORMAT = "skysense-inference-manifest/1"
+DEFAULT_WINDOW = 32
+
+__all__ = [
+    "InferenceConfig", "InferencePlan", "InferenceResult", "Manifest", "PredictorSpec", "SupportEntry",
+    "SupportSet", "TASKS", "TilePredictor", "hann_window", "parse_support", "plan_inference", "read_tiles_local",
+    "run_inference", "valid_pixels", "window_plan", "write_tile_outputs",
+]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# windows and blending
+# ------------------------------------------------------------------------------------------------------------------
+def window_plan(size: int, window: int, overlap: int) -> list[int]:
+    """Window origins along one axis of a tile sample of ``size`` px: ``window`` px every ``window - overlap``
+    px, the last one anchored to the edge (``pipeline.datasource.window_origins``)."""
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap must be in [0, window), got overlap {overlap} for window {window}")
+    return window_origins(size, window, window - overlap)
+
+
+def hann_window(n: int) -> np.ndarray:
+    """(n, n) float32 blending weight: the outer product of a Hann window evaluated at pixel centres,
+    ``sin(pi (i + 0.5) / n) ** 2``. Smooth, largest in the middle, and never 0 (smallest
+    ``sin(pi / 2n) ** 2`` at the border), so a pixel covered by one window only still gets its prediction."""
+    w = np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2
+    return np.outer(w, w).astype(np.float32)
+
+
+def valid_pixels(row: Mapping[str, np.ndarray], modalities: Sequence[str], hr_ratio: int) -> np.ndarray:
+    """(S, S) bool on the S2 grid of one row (tile sample): some modality has a usable pixel there on some valid
+    date. HR is pooled to the grid as the model does (``SkySense._encode_dates``): a cell is usable when at least
+    half of its ``hr_ratio`` x ``hr_ratio`` pixels are. Everything else is nodata in the products."""
+    out = None
+    for m in modalities:
+        mask = np.asarray(row[f"{m}_mask"]).astype(bool) & np.asarray(row[f"{m}_valid"]).astype(bool)[:, None, None]
+        if m == "hr":
+            t, h, w = mask.shape
+            frac = mask.reshape(t, h // hr_ratio, hr_ratio, w // hr_ratio, hr_ratio).mean(axis=(2, 4))
+            usable = (frac >= 0.5).any(0)
+        else:
+            usable = mask.any(0)
+        out = usable if out is None else out | usable
+    if out is None:
+        raise ValueError("no modality to tell valid pixels from")
+    return out
+
+
+def _window_batch(row: Mapping[str, np.ndarray], origins: Sequence[tuple[int, int]], w: int, hr_ratio: int,
+                  modalities: Sequence[str]) -> dict[str, np.ndarray]:
+    """The columns of the cube's row schema (``pipeline.datasource``) for windows of one tile sample row:
+    (B, ...) with B = len(origins), each ``w`` S2 px (``w * hr_ratio`` HR px) at (y0, x0)."""
+    n = len(origins)
+    out: dict[str, np.ndarray] = {}
+    for m in modalities:
+        k = hr_ratio if m == "hr" else 1
+        data, mask = np.asarray(row[m]), np.asarray(row[f"{m}_mask"])
+        out[m] = np.stack([data[:, :, y * k:(y + w) * k, x * k:(x + w) * k] for y, x in origins])
+        out[f"{m}_mask"] = np.stack([mask[:, y * k:(y + w) * k, x * k:(x + w) * k] for y, x in origins])
+        for c in ("valid", "doy"):
+            v = np.asarray(row[f"{m}_{c}"])
+            out[f"{m}_{c}"] = np.broadcast_to(v, (n, *v.shape)).copy()
+    out["lat"] = np.full(n, float(row["lat"]))
+    out["lon"] = np.full(n, float(row["lon"]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# few-shot support
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SupportEntry:
+    """One labelled support tile: the cube holding it, its id, and the label raster (any CRS / resolution)."""
+
+    cube: str
+    tile: str
+    labels: str
+
+
+def parse_support(spec: str | Path, cube: str | Path) -> list[SupportEntry]:
+    """The ``--support`` argument: a JSON file, or the JSON text itself, in one of two forms::
+
+        {"labels": "truth/landcover_hr.tif", "tiles": ["32N_0391_3904", "32N_0392_3904"], "cube": "other.zarr"}
+        [{"tile": "32N_0391_3904", "labels": "a.tif"}, {"tile": "32N_0392_3904", "labels": "b.tif", "cube": "c.zarr"}]
+
+    ``cube`` is optional (default: the cube being predicted). Relative paths in a file are relative to the file.
+    Raises ``ValueError`` with the reason for anything else."""
+    text, base = str(spec), Path.cwd()
+    if not text.lstrip().startswith(("{", "[")):
+        p = Path(text)
+        if not p.is_file():
+            raise ValueError(f"--support {text}: no such file (give a JSON file or JSON text)")
+        text, base = p.read_text(), p.resolve().parent
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--support is not valid JSON: {e}") from None
+
+    def path(v: str) -> str:
+        return v if "://" in v or v.startswith("/vsi") else str((base / v).resolve())
+
+    if isinstance(doc, dict):
+        if not isinstance(doc.get("tiles"), list) or not isinstance(doc.get("labels"), str):
+            raise ValueError('--support {"labels": RASTER, "tiles": [TILE_ID, ...], "cube": CUBE (optional)}')
+        pairs = [{"tile": t, "labels": doc["labels"], "cube": doc.get("cube")} for t in doc["tiles"]]
+    elif isinstance(doc, list):
+        pairs = doc
+    else:
+        raise ValueError("--support must be a JSON object or list")
+    out = []
+    for p in pairs:
+        if not isinstance(p, dict) or not isinstance(p.get("tile"), str) or not isinstance(p.get("labels"), str):
+            raise ValueError(f'--support entry {p!r}: expected {{"tile": TILE_ID, "labels": RASTER}}')
+        out.append(SupportEntry(cube=path(p["cube"]) if p.get("cube") else str(Path(cube).resolve()),
+                                tile=p["tile"], labels=path(p["labels"])))
+    if not out:
+        raise ValueError("--support names no tile")
+    if len(set(out)) != len(out):
+        raise ValueError("--support names a tile twice")
+    return out
+
+
+@dataclass(frozen=True)
+class SupportSet:
+    """The k labelled support windows few-shot inference stacks above every query window (numpy, picklable).
+
+    rows: the cube row columns (``pipeline.datasource``) of k windows of ``window`` S2 px, (k, ...).
+    labels: (k, H, W) uint8 class ids on the HR grid of the windows (H = window * hr_ratio) when HR is among the
+        modalities, else on the 10 m grid (H = window); 255 = unlabelled.
+    origins: (tile, y0, x0) of each window."""
+
+    rows: dict[str, np.ndarray]
+    labels: np.ndarray
+    num_classes: int
+    origins: tuple[tuple[str, int, int], ...]
+
+    def digest(self) -> str:
+        """A hash of the support (data and labels): part of the run fingerprint."""
+        h = hashlib.sha256()
+        for k in sorted(self.rows):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(self.rows[k]).tobytes())
+        h.update(np.ascontiguousarray(self.labels).tobytes())
+        return h.hexdigest()
+
+
+def load_support(entries: Sequence[SupportEntry], size: int, window: int, overlap: int, hr_ratio: int,
+                 modalities: Sequence[str], num_classes: int) -> SupportSet:
+    """Read the support tiles (in this process; tile samples of ``size`` S2 px), put their labels on the tile
+    grids and keep, of each tile, the window (of the inference window plan) with the most labelled pixels."""
+    rows, labels, origins = [], [], []
+    starts = window_plan(size, window, overlap)
+    for e in entries:
+        row = next(read_tiles_local(e.cube, [e.tile], labels=e.labels, modalities=modalities))
+        lab10 = row["labels_grid"][0]
+        best = max(((y, x) for y in starts for x in starts),
+                   key=lambda yx: int((lab10[yx[0]:yx[0] + window, yx[1]:yx[1] + window] < num_classes).sum()))
+        if int((lab10[best[0]:best[0] + window, best[1]:best[1] + window] < num_classes).sum()) == 0:
+            raise ValueError(f"support tile {e.tile}: {e.labels} labels no pixel of it with a class < {num_classes}")
+        one = {k: v[0] for k, v in row.items()}
+        rows.append(_window_batch(one, [best], window, hr_ratio, modalities))
+        y, x = best
+        if "hr" in modalities:
+            r = hr_ratio
+            lab = one["labels"][y * r:(y + window) * r, x * r:(x + window) * r]
+        else:
+            lab = lab10[y:y + window, x:x + window]
+        labels.append(np.where(lab < num_classes, lab, NODATA).astype(np.uint8))
+        origins.append((e.tile, int(y), int(x)))
+    cols = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    return SupportSet(rows=cols, labels=np.stack(labels), num_classes=num_classes, origins=tuple(origins))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reading tiles in this process (single-process prediction, the benchmark baseline, failure diagnosis)
+# ------------------------------------------------------------------------------------------------------------------
+def read_tiles_local(cube: str | Path, tiles: Sequence[str], **datasource_kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """The cube datasource's rows read here, without Ray tasks: one numpy batch per tile (its windows, or the
+    whole tile sample with ``window=None``), in the order of ``tiles``. Raises what the read raises."""
+    from ray.data.block import BlockAccessor
+
+    source = CubeDatasource(cube, tiles=list(tiles), **datasource_kwargs)
+    for task in source.get_read_tasks(len(tiles)):
+        for block in task():
+            yield BlockAccessor.for_block(block).to_batch_format("numpy")
+
+
+def _diagnose_read(cube: str, tile_id: str, modalities: Sequence[str]) -> str:
+    """Why a tile never came out of the pipeline: re-read it here and report the error."""
+    try:
+        for _ in read_tiles_local(cube, [tile_id], modalities=modalities):
+            pass
+    except Exception as e:
+        return f"read failed: {type(e).__name__}: {e}"
+    return ("no result from the pipeline (the read or the inference actor failed on it repeatedly; the tile reads "
+            "fine now: see the Ray worker logs)")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the predictor
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictorSpec:
+    """Everything a :class:`TilePredictor` needs (small and picklable, shipped to every actor).
+
+    task: one of :data:`TASKS`. encoder: encoder checkpoint path; head: ``head.safetensors`` (landcover).
+    window / overlap: S2 px. batch_size: windows per forward (landcover, embeddings; few-shot runs one query
+    window per forward, stacked under the support). size / core: tile sample side and the core's (start, length)
+    in S2 px. modalities: those read and fed to the model. gpu: CUDA + bf16 autocast. threads: torch intra-op
+    threads (None: leave as is). support: few-shot support. seed: few-shot label-id draw, reset per window so
+    that a tile's result does not depend on what the actor did before. pid_dir: test hook, each actor writes
+    ``actor-<pid>.pid`` there, and ``busy-<pid>`` while it works on a batch."""
+
+    task: str
+    encoder: str
+    head: str | None
+    window: int
+    overlap: int
+    batch_size: int
+    size: int
+    core: tuple[int, int]
+    hr_ratio: int
+    modalities: tuple[str, ...]
+    num_classes: int | None
+    gpu: bool = False
+    threads: int | None = None
+    support: SupportSet | None = None
+    seed: int = 0
+    pid_dir: str | None = None
+
+
+class TilePredictor:
+    """Predicts whole tile samples: sliding windows, Hann-blended, core cut out, nodata applied.
+
+    Single process::
+
+        p = TilePredictor(spec)
+        for batch in read_tiles_local(cube, tiles, modalities=spec.modalities):
+            core = p.predict({k: v[0] for k, v in batch.items()})    # (bands, tile_px, tile_px)
+
+    As the Ray Data actor class: ``ds.map_batches(TilePredictor, fn_constructor_kwargs={"spec": spec}, ...)``;
+    ``__call__`` never raises for a bad tile: it returns the tile with status ``failed`` and the reason.
+    """
+
+    def __init__(self, spec: PredictorSpec):
+        import torch
+
+        from pipeline.finetune import load_head
+        from skysense_core.checkpoint import load_checkpoint
+
+        self.spec = spec
+        if spec.pid_dir:
+            Path(spec.pid_dir).mkdir(parents=True, exist_ok=True)
+            (Path(spec.pid_dir) / f"actor-{os.getpid()}.pid").write_text(str(os.getpid()))
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        if spec.gpu and not torch.cuda.is_available():
+            raise RuntimeError("gpu=True but this worker sees no CUDA device")
+        self.device = torch.device("cuda" if spec.gpu else "cpu")
+        model, _, _ = load_checkpoint(spec.encoder)
+        self.model = model.eval().to(self.device)
+        self.head = None
+        if spec.task == "landcover":
+            head, _ = load_head(spec.head, channels=model.cfg.uper_channels)
+            self.head = head.to(self.device)
+        self.weight = torch.from_numpy(hann_window(spec.window)).to(self.device)
+        self.support_inputs, self.support_labels = [], []
+        if spec.task == "fewshot":
+            s = spec.support
+            for i in range(len(s.labels)):
+                one = {k: v[i:i + 1] for k, v in s.rows.items()}
+                x, _ = rows_to_input(one, spec.modalities)
+                self.support_inputs.append(x.to(self.device))
+                self.support_labels.append(torch.from_numpy(s.labels[i].astype(np.int64)).to(self.device))
+        cfg = self.model.cfg
+        self.feature_dim = cfg.fusion_dim * (2 if self.model.glbank is not None else 1)
+
+    # -- what it writes -------------------------------------------------------------------------------------------
+    @property
+    def out_bands(self) -> int:
+        return self.feature_dim if self.spec.task == "embeddings" else 1
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        return np.dtype(np.float32) if self.spec.task == "embeddings" else np.dtype(np.uint8)
+
+    def _autocast(self):
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- one tile -------------------------------------------------------------------------------------------------
+    def predict(self, row: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One tile sample row (the datasource's schema, one tile, no batch axis) -> its core prediction
+        (bands, n, n), n = tile_px: uint8 class ids with nodata 255, or float32 features with nodata NaN."""
+        import torch
+
+        s = self.spec
+        starts = window_plan(s.size, s.window, s.overlap)
+        origins = [(y, x) for y in starts for x in starts]
+        acc = None
+        wsum = torch.zeros((s.size, s.size), dtype=torch.float32, device=self.device)
+        step = 1 if s.task == "fewshot" else s.batch_size
+        with torch.no_grad():
+            for i in range(0, len(origins), step):
+                part = origins[i:i + step]
+                x, _ = rows_to_input(_window_batch(row, part, s.window, s.hr_ratio, s.modalities), s.modalities)
+                vals = self._window_values(x.to(self.device))  # (B, C, w, w) float32
+                if acc is None:
+                    acc = torch.zeros((vals.shape[1], s.size, s.size), dtype=torch.float32, device=self.device)
+                for (y, x0), v in zip(part, vals, strict=True):
+                    acc[:, y:y + s.window, x0:x0 + s.window] += v * self.weight
+                    wsum[y:y + s.window, x0:x0 + s.window] += self.weight
+        c0, n = s.core
+        blended = (acc[:, c0:c0 + n, c0:c0 + n] / wsum[c0:c0 + n, c0:c0 + n]).cpu().numpy()
+        valid = valid_pixels(row, s.modalities, s.hr_ratio)[c0:c0 + n, c0:c0 + n]
+        if s.task == "embeddings":
+            out = blended.astype(np.float32)
+            out[:, ~valid] = np.nan
+            return out
+        cls = blended.argmax(0).astype(np.uint8)
+        cls[~valid] = NODATA
+        return cls[None]
+
+    def _window_values(self, x) -> Any:
+        """(B, C, w, w) float32 for a batch of windows: class logits (landcover), class probabilities (fewshot),
+        or F_fus (embeddings)."""
+        import torch
+        import torch.nn.functional as F
+
+        from skysense_core.semantic import few_shot_segment
+
+        s = self.spec
+        with self._autocast():
+            if s.task == "fewshot":
+                g = torch.Generator().manual_seed(s.seed)  # the same label-id draw for every window
+                _, probs = few_shot_segment(self.model, self.support_inputs, self.support_labels, x,
+                                            s.support.num_classes, generator=g, mode="stack")
+                probs = probs.float()[None]
+                if probs.shape[-1] != s.window:  # HR-resolution probabilities -> the 10 m grid
+                    probs = F.avg_pool2d(probs, s.hr_ratio)
+                return probs
+            fused = self.model(x).fused
+            if s.task == "embeddings":
+                return fused.float()
+            return self.head(fused).float()
+
+    # -- the Ray Data UDF -----------------------------------------------------------------------------------------
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch of tile rows -> one row per tile: ``tile_id``, ``status`` (``done`` / ``failed``), ``reason``,
+        ``seconds``, ``worker`` (pid) and ``pred`` (bands, n, n) (all nodata for a failed tile)."""
+        n = self.spec.core[1]
+        ids = [str(t) for t in batch["tile_id"]]
+        out: dict[str, list] = {"tile_id": [], "status": [], "reason": [], "seconds": [], "worker": [], "pred": []}
+        errors = batch.get("read_error")
+        busy = Path(self.spec.pid_dir) / f"busy-{os.getpid()}" if self.spec.pid_dir else None
+        if busy is not None:  # test hook: this actor is inside a task (a kill now interrupts a tile)
+            busy.write_text(" ".join(ids))
+        for i, tile_id in enumerate(ids):
+            t0 = time.perf_counter()
+            status, reason = "done", ""
+            if errors is not None and str(errors[i]):
+                status, reason = "failed", f"read failed: {errors[i]}"
+                pred = None
+            else:
+                try:
+                    pred = self.predict({k: v[i] for k, v in batch.items()})
+                except Exception as e:  # one bad tile must not take its neighbours down
+                    status, reason = "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+                    pred = None
+            if pred is None:
+                fill = np.nan if self.out_dtype.kind == "f" else NODATA
+                pred = np.full((self.out_bands, n, n), fill, self.out_dtype)
+            out["tile_id"].append(tile_id)
+            out["status"].append(status)
+            out["reason"].append(reason)
+            out["seconds"].append(time.perf_counter() - t0)
+            out["worker"].append(os.getpid())
+            out["pred"].append(pred)
+        if busy is not None:
+            busy.unlink(missing_ok=True)
+        return {"tile_id": np.array(out["tile_id"]), "status": np.array(out["status"]),
+                "reason": np.array(out["reason"]), "seconds": np.array(out["seconds"], np.float64),
+                "worker": np.array(out["worker"], np.int64), "pred": np.stack(out["pred"])}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the per-tile sink
+# ------------------------------------------------------------------------------------------------------------------
+def tile_path(tile_dir: str | Path, tile_id: str) -> Path:
+    return Path(tile_dir) / "tiles" / f"{tile_id}.tif"
+
+
+def write_tile(path: str | Path, data: np.ndarray, *, epsg: int, transform, nodata, colormap=None,
+               band_names: Sequence[str] | None = None, tags: Mapping[str, str] | None = None) -> Path:
+    """Write one tile core (bands, n, n) as a deflate GeoTIFF, atomically (temporary name in the same directory,
+    then ``os.replace``): a reader, or a re-run, never sees a partial file."""
+    import rasterio
+    from rasterio.crs import CRS
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bands, h, w = data.shape
+    profile = dict(driver="GTiff", width=w, height=h, count=bands, dtype=data.dtype.name, crs=CRS.from_epsg(epsg),
+                   transform=transform, nodata=nodata, compress="deflate",
+                   predictor=3 if data.dtype.kind == "f" else 1)
+    if h % 16 == 0 and w % 16 == 0 and min(h, w) >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
+            if colormap:
+                dst.write_colormap(1, dict(colormap))
+            for i, name in enumerate(band_names or [], start=1):
+                dst.set_band_description(i, name)
+            if tags:
+                dst.update_tags(**tags)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_tile_outputs(batch: Mapping[str, np.ndarray], *, tile_dir: str, cube: str, nodata: float,
+                       colormap: Mapping[int, tuple] | None = None, band_names: Sequence[str] | None = None,
+                       tags: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """The per-tile sink (a Ray Data map stage on fractional CPUs): writes every ``done`` row's ``pred`` as
+    ``tile_dir/tiles/<tile_id>.tif`` in the tile's UTM CRS (georeference from the cube's tile attributes, the core
+    offset by the halo) and returns the status rows without ``pred``: ``tile_id``, ``status``, ``reason``,
+    ``seconds``, ``worker``, ``file``. A failed write turns the row into ``failed`` with the reason."""
+    from affine import Affine
+
+    from pipeline.labels import tile_georef
+
+    grid = zarr_cube.cube_config(zarr_cube.open_cube(cube)).grid
+    status, reason, files = list(batch["status"]), list(batch["reason"]), []
+    for i, tile_id in enumerate(str(t) for t in batch["tile_id"]):
+        f = ""
+        if status[i] == "done":
+            try:
+                geo = tile_georef(cube, tile_id)
+                c0 = parse_tile_id(tile_id, grid).core_slice()[0].start
+                p = write_tile(tile_path(tile_dir, tile_id), np.asarray(batch["pred"][i]), epsg=geo.epsg,
+                               transform=geo.transform * Affine.translation(c0, c0), nodata=nodata,
+                               colormap=colormap, band_names=band_names, tags={**(tags or {}), "tile_id": tile_id})
+                f = str(p.relative_to(tile_dir))
+            except Exception as e:
+                status[i], reason[i] = "failed", f"write failed: {type(e).__name__}: {e}"
+        files.append(f)
+    return {"tile_id": np.asarray(batch["tile_id"]).astype(str), "status": np.array(status, dtype=str),
+            "reason": np.array(reason, dtype=str), "seconds": np.asarray(batch["seconds"], np.float64),
+            "worker": np.asarray(batch["worker"], np.int64), "file": np.array(files, dtype=str)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the manifest
+# ------------------------------------------------------------------------------------------------------------------
+class Manifest:
+    """Per-tile records of a tile directory (module docstring): ``manifest.json`` plus the append-only log the
+    driver writes as tiles finish. Only the driver writes it. Linear in the tile count: one append per tile, one
+    rewrite per run."""
+
+    def __init__(self, root: str | Path, fingerprint: Mapping[str, Any], say: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.fingerprint = dict(fingerprint)
+        self.tiles: dict[str, dict] = {}
+        self.runs: list[dict] = []
+        self.root.mkdir(parents=True, exist_ok=True)
+        doc = {}
+        if (self.root / MANIFEST).exists():
+            doc = json.loads((self.root / MANIFEST).read_text())
+        old_fp = doc.get("fingerprint")
+        log = self.root / MANIFEST_LOG
+        logged: list[dict] = []
+        if log.exists():
+            for line in log.read_text().splitlines():
+                try:
+                    logged.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line from a killed driver
+        if logged and old_fp is None:
+            old_fp = logged[0].get("fingerprint")
+        if (doc or logged) and old_fp != self.fingerprint:
+            say(f"[infer] {self.root}: the earlier records were made with other settings; starting over")
+            doc, logged = {}, []
+            log.unlink(missing_ok=True)
+        self.tiles = dict(doc.get("tiles", {}))
+        self.runs = list(doc.get("runs", []))
+        for rec in logged:
+            if "tile" in rec:
+                self.tiles[rec["tile"]] = {k: v for k, v in rec.items() if k not in ("tile", "fingerprint")}
+        self._log = None
+
+    def done(self) -> set[str]:
+        """Tiles recorded done whose file exists."""
+        return {t for t, r in self.tiles.items() if r.get("status") == "done" and (self.root / r["file"]).exists()}
+
+    def record(self, tile_id: str, rec: Mapping[str, Any]) -> None:
+        """Record a tile's outcome now (appended to the log and flushed)."""
+        self.tiles[tile_id] = dict(rec)
+        if self._log is None:
+            fresh = not (self.root / MANIFEST_LOG).exists()
+            self._log = open(self.root / MANIFEST_LOG, "a")
+            if fresh:
+                self._log.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+        self._log.write(json.dumps({"tile": tile_id, **rec}, default=str) + "\n")
+        self._log.flush()
+
+    def write(self, run: Mapping[str, Any] | None = None) -> Path:
+        """Fold the log into ``manifest.json`` (atomically) and drop the log."""
+        if run is not None:
+            self.runs.append(dict(run))
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        doc = {"format": MANIFEST_FORMAT, "fingerprint": self.fingerprint,
+               "counts": {s: sum(r.get("status") == s for r in self.tiles.values()) for s in ("done", "failed")},
+               "tiles": dict(sorted(self.tiles.items())), "runs": self.runs}
+        tmp = self.root / f".{MANIFEST}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        os.replace(tmp, self.root / MANIFEST)
+        (self.root / MANIFEST_LOG).unlink(missing_ok=True)
+        return self.root / MANIFEST
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# configuration and pre-flight
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class InferenceConfig:
+    """One inference run (``jobs/infer.py`` flags in brackets).
+
+    cube [--cube]; checkpoint [--checkpoint]: a fine-tune run directory / ``head.safetensors`` (landcover; it
+    names its encoder), or an encoder checkpoint (fewshot, embeddings); task [--task]; out [--out]: the product
+    COG (``.tif``), next to it ``<stem>.png`` (quicklook) and ``<stem>.json`` (STAC item); support [--support]
+    (fewshot, :func:`parse_support`); window [--window] S2 px (default: the head's training window, else 32,
+    at most the tile sample); overlap [--overlap] px (default window // 4); batch_size [--batch-size] windows per
+    forward; gpu [--gpu]: one GPU per actor, bf16 autocast; crs [--crs]: mosaic CRS (EPSG code or any
+    rasterio CRS string; default the UTM zone of the AOI's centre); overwrite [--overwrite]: replace an existing
+    product (tiles done earlier with the same settings are reused); allow_partial [--allow-partial]: make the
+    product even when tiles failed (they are nodata); name / work_dir [--name, --work-dir]: the per-tile
+    directory ``work_dir/name`` (default ``<out dir>/<out stem>.tiles``); ray_address [--ray-address];
+    num_actors [--num-actors] (default: the GPUs with --gpu, else one per 8 CPUs, at least 1).
+
+    Library only: tiles (a subset of the cube's tiles; default all planned tiles), cpus_per_actor (default 1
+    with --gpu, else the cluster's CPUs less the read/write stages' share, split over the actors), threads
+    (torch threads per actor; default its CPUs, rounded), read_cpus / write_cpus (Ray CPUs of a read / write
+    task), seed (few-shot label ids), max_tiles (test hook: stop after this many tiles, before the mosaic),
+    write_pids (test hook: actors write their pids to ``<tile dir>/pids``)."""
+
+    cube: str
+    checkpoint: str
+    task: str
+    out: str
+    support: str | None = None
+    window: int | None = None
+    overlap: int | None = None
+    batch_size: int = 4
+    gpu: bool = False
+    crs: str | int | None = None
+    overwrite: bool = False
+    allow_partial: bool = False
+    name: str | None = None
+    work_dir: str | None = None
+    ray_address: str | None = None
+    num_actors: int | None = None
+    tiles: list[str] | None = None
+    cpus_per_actor: float | None = None
+    threads: int | None = None
+    read_cpus: float = 0.25
+    write_cpus: float = 0.25
+    seed: int = 0
+    max_tiles: int | None = None
+    write_pids: bool = False
+
+
+@dataclass
+class InferencePlan:
+    """What pre-flight found out (:func:`plan_inference`); ``spec`` builds the same predictor anywhere."""
+
+    config: InferenceConfig
+    spec: PredictorSpec
+    out: Path
+    tile_dir: Path
+    tiles: list[str]  # every tile of the run, in index order
+    todo: list[str]  # the readable ones (the others are failed up front, see missing)
+    missing: dict[str, str]  # tile -> why it cannot be read
+    lat_lon: dict[str, tuple[float, float]]
+    encoder_sha256: str
+    head: HeadInfo | None
+    preset: str
+    class_names: dict[int, str]
+    colormap: dict[int, tuple[int, int, int, int]]
+    band_names: list[str] | None
+    dst_crs: str | None
+    fingerprint: dict[str, Any]
+    search: dict[str, Any]
+
+    @property
+    def nodata(self) -> float:
+        return float("nan") if self.spec.task == "embeddings" else NODATA
+
+
+def _encoder_config(path: str | Path):
+    """The ModelConfig stored in an encoder checkpoint, from its metadata only (no tensors loaded)."""
+    from safetensors import safe_open
+
+    from skysense_core.checkpoint import FORMAT
+    from skysense_core.config import ModelConfig
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{path} is not a safetensors checkpoint: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a SkySense checkpoint ({FORMAT}); its format is {meta.get('format')!r}")
+    return ModelConfig.from_dict(json.loads(meta["config"])), meta
+
+
+def _resolve_checkpoint(checkpoint: str, task: str) -> tuple[str, HeadInfo | None]:
+    """-> (encoder checkpoint path, head info for landcover)."""
+    from pipeline.finetune import HEAD_FILE, read_head_info
+
+    p = Path(checkpoint)
+    if not p.exists():
+        raise ValueError(f"checkpoint {p} does not exist")
+    candidate = p / HEAD_FILE if p.is_dir() else p
+    if not candidate.is_file():
+        raise ValueError(f"{p} holds no {HEAD_FILE}: give a fine-tune run directory, a head or an encoder checkpoint")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(candidate), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"checkpoint {candidate} is not a safetensors file: {e}") from None
+    if "head" not in meta:  # an encoder checkpoint
+        if task == "landcover":
+            raise ValueError(f"--task landcover needs a fine-tuned head (the output directory of jobs/finetune.py or "
+                             f"its {HEAD_FILE}); {candidate} is not one")
+        return str(candidate.resolve()), None
+    head = read_head_info(candidate)
+    if not head.encoder:
+        raise ValueError(f"the head {candidate} does not name its encoder checkpoint; re-run jobs/finetune.py")
+    if not Path(head.encoder).is_file():
+        raise ValueError(f"the encoder checkpoint {head.encoder} that {candidate} was trained on does not exist")
+    return str(Path(head.encoder).resolve()), head if task == "landcover" else None
+
+
+def _default_crs(search: Mapping[str, Any]) -> str | None:
+    """The UTM zone of the AOI's centre (the cube's search AOI), as 'EPSG:326xx' / 'EPSG:327xx'."""
+    aoi = search.get("aoi")
+    if not aoi:
+        return None
+    import shapely.geometry
+
+    c = shapely.geometry.shape(aoi).centroid
+    return f"EPSG:{utm_epsg(utm_zone(c.x), c.y < 0)}"
+
+
+def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> InferencePlan:
+    """Check everything that can be checked before any work: raises ``ValueError`` (bad settings, a checkpoint
+    that does not fit the cube), ``FileExistsError`` (the product exists and not ``overwrite``) or
+    ``zarr_cube.CubeError`` (no cube). Reads metadata only, plus the support tiles for few-shot."""
+    from pipeline.finetune import file_sha256, label_legend
+
+    if cfg.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, not {cfg.task!r}")
+    out = Path(cfg.out).resolve()
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise ValueError(f"--out must be a GeoTIFF path (.tif), got {out}")
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"the product {out} exists: pass --overwrite to replace it")
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out {out} is a directory")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.num_actors is not None and cfg.num_actors < 1:
+        raise ValueError(f"--num-actors must be >= 1, got {cfg.num_actors}")
+    if (cfg.task == "fewshot") != (cfg.support is not None):
+        raise ValueError("--support is required by --task fewshot, and only by it")
+    if not Path(cfg.cube).exists():
+        raise ValueError(f"cube {cfg.cube} does not exist")
+    cube = str(Path(cfg.cube).resolve())
+    root = zarr_cube.open_cube(cube)
+    ccfg = zarr_cube.cube_config(root)
+    size, halo, tile_px = ccfg.grid.size_px, ccfg.grid.halo_px, ccfg.grid.tile_px
+
+    encoder, head = _resolve_checkpoint(cfg.checkpoint, cfg.task)
+    mcfg, _ = _encoder_config(encoder)
+    cube_mods = [m for m, t in (("hr", ccfg.t_hr), ("s2", ccfg.t_s2), ("s1", ccfg.t_s1)) if t > 0]
+    mods = [m for m in MODALITIES if m in mcfg.modalities and m in cube_mods]
+    if not mods:
+        raise ValueError(f"the checkpoint {encoder} (modalities {list(mcfg.modalities)}) shares no modality with "
+                         f"the cube {cube} ({cube_mods})")
+    if "hr" in mods and mcfg.hr_ratio != ccfg.hr_ratio:
+        raise ValueError(f"the checkpoint {encoder} is preset '{mcfg.name}' with {mcfg.hr_ratio} HR pixels per "
+                         f"Sentinel pixel, the cube {cube} has {ccfg.hr_ratio}: use a checkpoint of a preset made "
+                         f"for this cube's HR ratio (or ingest with --hr-ratio {mcfg.hr_ratio})")
+    feature_dim = mcfg.fusion_dim * (2 if mcfg.geo_context else 1)
+    sha = file_sha256(encoder)
+    if head is not None:
+        if head.preset and head.preset != mcfg.name:
+            raise ValueError(f"the head {head.path} was trained on preset '{head.preset}', its encoder {encoder} "
+                             f"is preset '{mcfg.name}'")
+        if head.in_dim and head.in_dim != feature_dim:
+            raise ValueError(f"the head {head.path} takes {head.in_dim} features, the encoder {encoder} "
+                             f"(preset '{mcfg.name}') makes {feature_dim}")
+        if head.encoder_sha256 and head.encoder_sha256 != sha:
+            raise ValueError(f"the encoder {encoder} changed since the head {head.path} was trained on it "
+                             f"(sha256 {sha[:12]}..., the head records {head.encoder_sha256[:12]}...)")
+
+    window = cfg.window or (head.window if head and head.window else DEFAULT_WINDOW)
+    if cfg.window is None:
+        window = min(window, size // 4 * 4)
+    overlap = window // 4 if cfg.overlap is None else cfg.overlap
+    if window < 4 or window % mcfg.vit_patch_size or window > size:
+        raise ValueError(f"--window must be a multiple of {mcfg.vit_patch_size} between {mcfg.vit_patch_size} and "
+                         f"the tile sample side {size} (tile {tile_px} + 2 x halo {halo}), got {window}")
+    if cfg.task == "fewshot" and window % mcfg.mask_cell:
+        raise ValueError(f"--task fewshot needs a --window that is a multiple of {mcfg.mask_cell}")
+    window_plan(size, window, overlap)  # overlap checks
+
+    # tiles: every planned tile (or the subset asked for); those not written are failed up front
+    ids = zarr_cube.tile_ids(root)
+    status = root["index/status"][:]
+    lat, lon = root["index/center_lat"][:], root["index/center_lon"][:]
+    pos = {t: i for i, t in enumerate(ids)}
+    if cfg.tiles is not None:
+        unknown = [t for t in cfg.tiles if t not in pos]
+        if unknown:
+            raise ValueError(f"{len(unknown)} tiles are not in the cube's index, e.g. {unknown[0]}")
+        tiles = sorted(set(cfg.tiles), key=pos.__getitem__)
+    else:
+        tiles = list(ids)
+    if not tiles:
+        raise ValueError(f"the cube {cube} plans no tile")
+    missing = {}
+    for t in tiles:
+        s = int(status[pos[t]])
+        if s != zarr_cube.DONE and not zarr_cube.is_done(cube, t):
+            what = {zarr_cube.PLANNED: "planned but never written", zarr_cube.FAILED: "failed at ingest"}.get(s, s)
+            missing[t] = f"not in the cube: the tile is {what} (re-run jobs/ingest.py for it)"
+    todo = [t for t in tiles if t not in missing]
+
+    # classes and colours
+    class_names: dict[int, str] = {}
+    colormap: dict[int, tuple[int, int, int, int]] = {}
+    band_names = None
+    num_classes = None
+    support = None
+    if cfg.task == "landcover":
+        num_classes = head.num_classes
+        class_names = {k: v for k, v in head.class_names.items() if k < num_classes}
+        colormap = {k: v for k, v in head.colormap.items() if k < num_classes}
+    elif cfg.task == "fewshot":
+        entries = parse_support(cfg.support, cube)
+        for e in entries:
+            if e.cube != cube:
+                other = zarr_cube.cube_config(zarr_cube.open_cube(e.cube))
+                if other.grid.size_px != size or other.hr_ratio != ccfg.hr_ratio:
+                    raise ValueError(f"support cube {e.cube} has another grid or HR ratio than {cube}")
+        names0, colors0 = label_legend(entries[0].labels)
+        if names0:
+            num_classes = max(names0) + 1
+        else:
+            from pipeline.labels import label_classes
+
+            num_classes = label_classes(entries[0].labels)
+        if num_classes is None:
+            raise ValueError(f"cannot tell the classes of {entries[0].labels}: it has no class_names tag")
+        if num_classes > mcfg.vocab_size - 1:
+            raise ValueError(f"{num_classes} classes do not fit the {mcfg.vocab_size - 1} label ids of few-shot")
+        class_names, colormap = names0, colors0
+        say(f"[infer] reading {len(entries)} support tile(s)")
+        support = load_support(entries, size, window, overlap, ccfg.hr_ratio, mods, num_classes)
+    else:
+        d = mcfg.fusion_dim
+        band_names = [f"fus_mm_{i:04d}" for i in range(d)]
+        if mcfg.geo_context:
+            band_names += [f"fus_geo_{i:04d}" for i in range(d)]
+
+    tile_dir = (Path(cfg.work_dir).resolve() if cfg.work_dir else out.parent) / (cfg.name or f"{out.stem}.tiles")
+    if cfg.crs is not None:
+        from rasterio.crs import CRS
+        from rasterio.errors import CRSError
+
+        crs = f"EPSG:{cfg.crs}" if str(cfg.crs).isdigit() else str(cfg.crs)
+        try:
+            CRS.from_user_input(crs)
+        except CRSError as e:
+            raise ValueError(f"--crs {cfg.crs}: {e}") from None
+        dst_crs = crs
+    else:
+        dst_crs = _default_crs(dict(root.attrs.get("search", {})))
+
+    spec = PredictorSpec(
+        task=cfg.task, encoder=encoder, head=head.path if head else None, window=window, overlap=overlap,
+        batch_size=cfg.batch_size, size=size, core=(halo, tile_px), hr_ratio=ccfg.hr_ratio, modalities=tuple(mods),
+        num_classes=num_classes, gpu=cfg.gpu, threads=cfg.threads, support=support, seed=cfg.seed,
+        pid_dir=str(tile_dir / "pids") if cfg.write_pids else None,
+    )
+    fingerprint = {
+        "task": cfg.task, "cube": cube, "encoder_sha256": sha,
+        "head_sha256": file_sha256(head.path) if head else None,
+        "support": support.digest() if support is not None else None, "window": window, "overlap": overlap,
+        "precision": "bf16" if cfg.gpu else "fp32", "seed": cfg.seed if cfg.task == "fewshot" else None,
+    }
+    return InferencePlan(
+        config=cfg, spec=spec, out=out, tile_dir=tile_dir, tiles=tiles, todo=todo, missing=missing,
+        lat_lon={t: (float(lat[pos[t]]), float(lon[pos[t]])) for t in tiles}, encoder_sha256=sha, head=head,
+        preset=mcfg.name, class_names=class_names, colormap=colormap, band_names=band_names, dst_crs=dst_crs,
+        fingerprint=fingerprint, search=dict(root.attrs.get("search", {})),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class InferenceResult:
+    """What a run did. ``complete``: every tile done (the product was made); ``out`` / ``quicklook`` / ``item``:
+    the product files, None when no product was made (failed tiles without ``allow_partial``, or stopped by
+    ``max_tiles``). ``processed``: tiles this run predicted (done or failed in the model); ``skipped``: tiles
+    done by an earlier run. ``seconds``: ``plan``, ``pipeline`` (Ray Data, first row to last), ``mosaic``,
+    ``total``. ``pixels_per_s``: core pixels of the tiles this run predicted / pipeline seconds."""
+
+    tile_dir: Path
+    manifest: Path
+    tiles: list[str]
+    done: list[str]
+    failed: dict[str, str]
+    processed: list[str]
+    skipped: list[str]
+    complete: bool
+    stopped_early: bool = False
+    out: Path | None = None
+    quicklook: Path | None = None
+    item: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    pixels_per_s: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"complete": self.complete, "out": str(self.out) if self.out else None, "tiles": len(self.tiles),
+                "done": len(self.done), "failed": len(self.failed), "processed": len(self.processed),
+                "skipped": len(self.skipped), "stopped_early": self.stopped_early, "tile_dir": str(self.tile_dir),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "pixels_per_s": self.pixels_per_s,
+                "failures": {t: r.splitlines()[0] if r else r for t, r in sorted(self.failed.items())}}
+
+
+def _actor_resources(cfg: InferenceConfig) -> tuple[int, float, int]:
+    """(actors, CPUs per actor, torch threads per actor) for this cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1)), int(res.get("GPU", 0))
+    if cfg.gpu:
+        if gpus < 1:
+            raise ValueError("--gpu: the Ray cluster has no GPU")
+        n = cfg.num_actors or gpus
+        per = cfg.cpus_per_actor or 1.0
+    else:
+        n = cfg.num_actors or max(1, int(cpus // 8))
+        # leave the read and write stages their share, or they starve behind the actors on small machines
+        per = cfg.cpus_per_actor or max(0.5, (cpus - cfg.read_cpus - cfg.write_cpus) / n)
+    threads = cfg.threads or max(1, round(per))
+    return n, per, threads
+
+
+def _input_items(cube: str, tiles: Sequence[str]) -> list[str]:
+    """Ids of every STAC item the tiles were made from (the tiles' ``items`` attributes)."""
+    items: set[str] = set()
+    for t in tiles:
+        for per_date in zarr_cube.tile_attrs(cube, t).get("items", {}).values():  # modality -> dates -> ids
+            for ids in per_date:
+                items.update([ids] if isinstance(ids, str) else (i for i in ids or [] if i))
+    return sorted(items)
+
+
+def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str], say) -> tuple[Path, Path, Path]:
+    """The mosaic COG, its quicklook PNG and STAC item from the done tiles."""
+    from pipeline.mosaic import mosaic_tiles, quicklook_png
+    from pipeline.product_item import product_item, write_item
+
+    cfg, spec = plan.config, plan.spec
+    tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256,
+            "window": str(spec.window), "overlap": str(spec.overlap)}
+    classes = spec.task != "embeddings"
+    # Internal tiles of 512 px, smaller for small products: GDAL makes overviews only down to one block, and a
+    # demo product of a few tiles should have overviews too.
+    side = spec.core[1] * math.sqrt(len(done))
+    blocksize = 512 if side >= 2048 else max(16, 2 ** int(math.log2(max(side / 4, 16))))
+    cog = mosaic_tiles(
+        [tile_path(plan.tile_dir, t) for t in sorted(done)], plan.out, dst_crs=plan.dst_crs, nodata=plan.nodata,
+        blocksize=blocksize,
+        resampling="nearest" if classes else "bilinear", overview_resampling="mode" if classes else "average",
+        colormap=(plan.colormap or None) if classes else None,
+        class_names=(plan.class_names or None) if classes else None,
+        band_names=plan.band_names, tags=tags, overwrite=True, progress=say,
+    )
+    png = quicklook_png(cog, plan.out.with_suffix(".png"))
+    search = plan.search
+    start = datetime.fromisoformat(search["start"]) if search.get("start") else None
+    end = datetime.fromisoformat(search["end"]) if search.get("end") else None
+    provenance = {
+        "task": cfg.task, "model_preset": plan.preset, "checkpoint": spec.encoder,
+        "checkpoint_sha256": plan.encoder_sha256, "head": spec.head,
+        "head_sha256": plan.fingerprint["head_sha256"], "window": spec.window, "overlap": spec.overlap,
+        "cube": plan.fingerprint["cube"], "dates": {"start": search.get("start"), "end": search.get("end")},
+        "input_items": _input_items(plan.fingerprint["cube"], done), "tiles_done": len(done),
+        "tiles_failed": sorted(failed), "lineage": f"SkySense {cfg.task} inference over the cube tiles (pipeline."
+                                                   f"inference), mosaicked with pipeline.mosaic",
+    }
+    if spec.support is not None:
+        provenance["support_windows"] = [list(o) for o in spec.support.origins]
+    item = product_item(cog, item_id=plan.out.stem, start=start, end=end,
+                        class_names=(plan.class_names or None) if classes else None,
+                        colormap=(plan.colormap or None) if classes else None, provenance=provenance, quicklook=png)
+    item_path = write_item(item, plan.out.with_suffix(".json"))
+    return cog, png, item_path
+
+
+def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None = print) -> InferenceResult:
+    """Predict every tile of the cube not done yet, record each in the manifest, then make the product (module
+    docstring). Raises what :func:`plan_inference` raises before anything is written; tile failures are results
+    (``InferenceResult.failed``), not exceptions."""
+    import ray
+
+    from pipeline.datasource import read_cube
+    from pipeline.ingest import init_ray
+
+    say = progress or (lambda _s: None)
+    t_start = time.perf_counter()
+    plan = plan_inference(cfg, say)
+    spec = plan.spec
+    manifest = Manifest(plan.tile_dir, plan.fingerprint, say)
+    already = manifest.done() & set(plan.tiles)
+    todo = [t for t in plan.todo if t not in already]
+    for t, reason in plan.missing.items():
+        manifest.record(t, {"status": "failed", "reason": reason})
+    t_plan = time.perf_counter() - t_start
+    say(f"[infer] {cfg.task}: {len(plan.tiles)} tiles ({len(already)} done earlier, {len(plan.missing)} missing "
+        f"from the cube, {len(todo)} to predict); window {spec.window} px, overlap {spec.overlap} px; tiles in "
+        f"{plan.tile_dir}")
+
+    processed: list[str] = []
+    stopped = False
+    t_pipe = 0.0
+    if todo and not (cfg.max_tiles is not None and cfg.max_tiles <= 0):
+        init_ray(cfg.ray_address)
+        n_actors, per, threads = _actor_resources(cfg)
+        spec = dataclasses.replace(spec, threads=threads)
+        ctx = ray.data.DataContext.get_current()
+        saved = ctx.max_errored_blocks
+        ctx.max_errored_blocks = -1  # a tile that cannot be read loses only itself (one tile per read task)
+        try:
+            ds = read_cube(plan.fingerprint["cube"], tiles=todo, modalities=list(spec.modalities),
+                           num_cpus=cfg.read_cpus, override_num_blocks=len(todo))
+            # A killed actor is replaced and its tile retried, but not forever: a tile that kills every actor
+            # (host OOM, a crash in a library) fails after 3 retries instead of looping. Ray 2.60 has no named
+            # parameter for max_task_retries, only the deprecated ray_remote_args.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+                ds = ds.map_batches(
+                    TilePredictor, fn_constructor_kwargs={"spec": spec}, batch_size=1, batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), num_cpus=per,
+                    num_gpus=1 if cfg.gpu else None, max_restarts=-1, max_task_retries=3,
+                )
+            tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256}
+            ds = ds.map_batches(
+                write_tile_outputs, batch_size=1, batch_format="numpy", num_cpus=cfg.write_cpus,
+                fn_kwargs={"tile_dir": str(plan.tile_dir), "cube": plan.fingerprint["cube"], "nodata": plan.nodata,
+                           "colormap": plan.colormap or None, "band_names": plan.band_names, "tags": tags},
+            )
+            say(f"[infer] {n_actors} actor(s) x {per:g} CPU{' + 1 GPU' if cfg.gpu else ''}, {threads} torch "
+                f"thread(s) each")
+            t0 = time.perf_counter()
+            it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+            try:
+                for batch in it:
+                    for i, tile_id in enumerate(str(t) for t in batch["tile_id"]):
+                        rec = {"status": str(batch["status"][i]), "seconds": round(float(batch["seconds"][i]), 3),
+                               "worker": int(batch["worker"][i])}
+                        if rec["status"] == "done":
+                            rec["file"] = str(batch["file"][i])
+                        else:
+                            rec["reason"] = str(batch["reason"][i])
+                        manifest.record(tile_id, rec)
+                        processed.append(tile_id)
+                        say(f"[infer] {tile_id} {rec['status']} in {rec['seconds']:.1f} s "
+                            f"({len(processed)}/{len(todo)})" + (f": {rec['reason'].splitlines()[0]}"
+                                                                 if rec["status"] != "done" else ""))
+                    if cfg.max_tiles is not None and len(processed) >= cfg.max_tiles:
+                        stopped = True
+                        break
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+            t_pipe = time.perf_counter() - t0
+        finally:
+            ctx.max_errored_blocks = saved
+        if not stopped:
+            lost = [t for t in todo if t not in set(processed)]
+            for t in lost:  # dropped blocks: the read (or the actor, beyond its retries) failed on them
+                manifest.record(t, {"status": "failed", "reason": _diagnose_read(plan.fingerprint["cube"], t,
+                                                                                spec.modalities)})
+                processed.append(t)
+                say(f"[infer] {t} failed: {manifest.tiles[t]['reason']}")
+    else:
+        stopped = bool(todo)
+
+    done_now = manifest.done()
+    done = [t for t in plan.tiles if t in done_now]
+    failed = {t: manifest.tiles.get(t, {}).get("reason", "not processed") for t in plan.tiles if t not in done_now}
+    complete = not failed
+    result = InferenceResult(
+        tile_dir=plan.tile_dir, manifest=plan.tile_dir / MANIFEST, tiles=plan.tiles, done=done,
+        failed={} if stopped else failed, processed=processed, skipped=sorted(already), complete=complete,
+        stopped_early=stopped,
+    )
+    run_rec = {"started": datetime.now().isoformat(timespec="seconds"), "processed": len(processed),
+               "skipped": len(already), "failed": len(failed), "stopped_early": stopped}
+    t_mosaic = 0.0
+    if not stopped and done and (complete or cfg.allow_partial):
+        t0 = time.perf_counter()
+        result.out, result.quicklook, result.item = _make_product(plan, done, failed, say)
+        t_mosaic = time.perf_counter() - t0
+        say(f"[infer] product {result.out} ({len(done)} tiles{f', {len(failed)} failed' if failed else ''}), "
+            f"quicklook {result.quicklook.name}, STAC item {result.item.name}")
+    elif failed and not stopped:
+        say(f"[infer] {len(failed)} tile(s) failed, no product made (re-run to retry them, or --allow-partial)")
+    manifest.write(run_rec)
+    n_core = spec.core[1] ** 2
+    predicted = [t for t in processed if t in done_now]
+    result.seconds = {"plan": t_plan, "pipeline": t_pipe, "mosaic": t_mosaic, "total": time.perf_counter() - t_start}
+    result.pixels_per_s = len(predicted) * n_core / t_pipe if t_pipe > 0 and predicted else None
+    return result
+
+
+def windows_per_tile(plan: InferencePlan) -> int:
+    """How many windows one tile sample is cut into."""
+    n = len(window_plan(plan.spec.size, plan.spec.window, plan.spec.overlap))
+    return n * n
