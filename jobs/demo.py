@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from pipeline import demo, stac  # noqa: E402
 from pipeline.cube import CubeConfig  # noqa: E402
 from pipeline.evaluate import score_product  # noqa: E402
-from pipeline.finetune import FinetuneConfig, read_head_info, run_finetune, split_tiles  # noqa: E402
+from pipeline.finetune import FinetuneConfig, file_sha256, read_head_info, run_finetune, split_tiles  # noqa: E402
 from pipeline.grid import load_aoi, parse_tile_id  # noqa: E402
 from pipeline.inference import InferenceConfig, run_inference  # noqa: E402
 from pipeline.ingest import cube_summary, run_ingest  # noqa: E402
@@ -59,7 +59,7 @@ def landcover_product(out: Path, cube: Path, encoder: Path, steps: int, cube_cfg
     head_dir = out / "runs" / "demo-landcover-head"
     try:
         info = read_head_info(head_dir)
-        reuse = info.encoder_sha256 is not None and Path(info.encoder or "") == encoder.resolve()
+        reuse = info.encoder_sha256 == file_sha256(encoder)  # the head fits these very weights
     except ValueError:
         reuse = False
     if reuse:
@@ -74,10 +74,10 @@ def landcover_product(out: Path, cube: Path, encoder: Path, steps: int, cube_cfg
 
     product = out / "landcover.tif"
     print(f"\ninfer -> {product}")
-    # Windows of 88 px overlapping by 16: 2 x 2 windows cover a tile sample of 128 + 2 x 16 px, the fewest forward
-    # passes on a 2-core machine (the per-window cost of the tiny model on CPU is mostly fixed overhead).
+    # Windows of 32 px (the head's training window) overlapping by 4: 6 x 6 windows per tile sample of
+    # 128 + 2 x 16 px. Larger windows cost more per pixel (the HR global attention is quadratic in the window).
     result = run_inference(InferenceConfig(cube=str(cube), checkpoint=str(head_dir), task="landcover",
-                                           out=str(product), overwrite=True, window=88, overlap=16))
+                                           out=str(product), overwrite=True, window=32, overlap=4))
     if not result.complete:
         print(f"inference left {len(result.failed)} tile(s) undone: {result.failed}")
         return None
