@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
 import pytest
 import torch
-from pyproj import Transformer
 from safetensors.torch import load_file
 
 from pipeline.cube import CubeConfig
@@ -24,28 +22,20 @@ from pipeline.finetune import (
     run_finetune,
     split_tiles,
 )
-from pipeline.grid import TileGrid, load_aoi
-from pipeline.ingest import run_ingest
+from pipeline.grid import TileGrid
 from skysense_core import build_model
 from skysense_core.checkpoint import save_checkpoint
+from tests.demo_cube import ingest_2x2_tiles
 
 CFG = CubeConfig(grid=TileGrid(32, 8), t_s2=3, t_s1=2, t_hr=1, hr_ratio=8)
-SEASON = (date(2024, 5, 10), date(2024, 6, 10))
 
 
 @pytest.fixture(scope="module")
 def labelled_cube(demo_region, ray_local, tmp_path_factory):
     """2 x 2 tiles inside the demo region, its 10 m land-cover truth and a tiny checkpoint."""
     catalog, dcfg = demo_region
-    m = CFG.grid.tile_m
-    ox, oy = dcfg.origin_xy
-    col0, row0 = int(ox // m) + 2, int((oy - dcfg.extent_m / 2) // m)
-    x0, y0 = col0 * m + 0.45 * m, row0 * m + 0.45 * m
-    to_ll = Transformer.from_crs(dcfg.epsg, 4326, always_xy=True)
-    aoi = load_aoi((*to_ll.transform(x0, y0), *to_ll.transform(x0 + m, y0 + m)))
     tmp = tmp_path_factory.mktemp("ft")
-    report = run_ingest(str(catalog), aoi, *SEASON, tmp / "cube.zarr", CFG, progress=None)
-    assert report.ok and len(report.done) == 4, report.summary()
+    ingest_2x2_tiles(catalog, dcfg, CFG, tmp / "cube.zarr")
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp / "tiny.safetensors", build_model("tiny"), meta={"what": "random init"})
     return {"cube": str(tmp / "cube.zarr"), "labels": str(catalog.parent / "truth" / "landcover_10m.tif"),

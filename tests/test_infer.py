@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,13 @@ import rasterio
 import rasterio.warp
 import torch
 import zarr
-from pyproj import Transformer
 from rio_cogeo.cogeo import cog_validate
 from safetensors.torch import save_file
 
 from pipeline import zarr_cube
 from pipeline.cube import CubeConfig
 from pipeline.finetune import file_sha256, label_legend, save_head
-from pipeline.grid import TileGrid, load_aoi, parse_tile_id
+from pipeline.grid import TileGrid, parse_tile_id
 from pipeline.inference import (
     MANIFEST,
     InferenceConfig,
@@ -43,13 +41,12 @@ from pipeline.inference import (
     valid_pixels,
     window_plan,
 )
-from pipeline.ingest import run_ingest
 from skysense_core import build_model, get_config
 from skysense_core.checkpoint import FORMAT, save_checkpoint
+from tests.demo_cube import ingest_2x2_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = CubeConfig(grid=TileGrid(32, 4), t_s2=3, t_s1=2, t_hr=1, hr_ratio=8)
-SEASON = (date(2024, 5, 10), date(2024, 6, 10))
 RUN = ["--window", "16", "--overlap", "4", "--batch-size", "3"]  # 3 x 3 windows per 40-px tile sample
 
 
@@ -61,15 +58,8 @@ def setup(demo_region, ray_local, tmp_path_factory):
     """2 x 2 tiles inside the demo region (the layout of tests/test_finetune.py, halo 4), a tiny random-init
     encoder and a linear head on it saved the way jobs/finetune.py saves one (with the demo legend)."""
     catalog, dcfg = demo_region
-    m = CFG.grid.tile_m
-    ox, oy = dcfg.origin_xy
-    col0, row0 = int(ox // m) + 2, int((oy - dcfg.extent_m / 2) // m)
-    x0, y0 = col0 * m + 0.45 * m, row0 * m + 0.45 * m
-    to_ll = Transformer.from_crs(dcfg.epsg, 4326, always_xy=True)
-    aoi = load_aoi((*to_ll.transform(x0, y0), *to_ll.transform(x0 + m, y0 + m)))
     tmp = tmp_path_factory.mktemp("infer")
-    report = run_ingest(str(catalog), aoi, *SEASON, tmp / "cube.zarr", CFG, progress=None)
-    assert report.ok and len(report.done) == 4, report.summary()
+    aoi, report = ingest_2x2_tiles(catalog, dcfg, CFG, tmp / "cube.zarr")
     torch.manual_seed(0)
     model = build_model("tiny")
     enc = save_checkpoint(tmp / "tiny.safetensors", model, meta={"what": "random init"})
