@@ -62,7 +62,7 @@ def bare_forward(plan, tiles: list[str], gpu: bool) -> dict:
     import torch
 
     from pipeline.datasource import rows_to_input
-    from pipeline.inference import TilePredictor, _window_batch, read_tiles_local, window_plan
+    from pipeline.inference import TilePredictor, read_tiles_local, window_batch, window_plan
 
     spec = plan.spec
     pred = TilePredictor(spec)  # the same model, head, device and torch threads as an actor
@@ -72,7 +72,7 @@ def bare_forward(plan, tiles: list[str], gpu: bool) -> dict:
     for batch in read_tiles_local(plan.fingerprint["cube"], tiles, modalities=list(spec.modalities)):
         row = {k: v[0] for k, v in batch.items()}
         for i in range(0, len(origins), spec.batch_size):
-            x, _ = rows_to_input(_window_batch(row, origins[i:i + spec.batch_size], spec.window, spec.hr_ratio,
+            x, _ = rows_to_input(window_batch(row, origins[i:i + spec.batch_size], spec.window, spec.hr_ratio,
                                                spec.modalities), spec.modalities)
             inputs.append(x.to(pred.device))
     with torch.no_grad():
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     import ray
 
     from pipeline.datasource import done_tiles
-    from pipeline.inference import InferenceConfig, _actor_resources, plan_inference, run_inference
+    from pipeline.inference import InferenceConfig, actor_resources, plan_inference, run_inference
     from pipeline.ingest import init_ray
 
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="skysense-bench-infer-"))
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     base = InferenceConfig(cube=a.cube, checkpoint=ckpt, task="landcover", out=str(out / "bench.tif"),
                            window=a.window, overlap=a.overlap, batch_size=a.batch_size, gpu=a.gpu, tiles=tiles,
                            overwrite=True)
-    _, per, threads = _actor_resources(base)  # the actors' torch threads: the baseline gets the same
+    _, per, threads = actor_resources(base)  # the actors' torch threads: the baseline gets the same
     plan = plan_inference(base, say=lambda s: None)
     plan.spec = dataclasses.replace(plan.spec, threads=threads)
     common = {"bench": "infer", "tiles": len(tiles), "tile_px": plan.spec.core[1], "window": a.window,

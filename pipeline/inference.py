@@ -129,7 +129,7 @@ def valid_pixels(row: Mapping[str, np.ndarray], modalities: Sequence[str], hr_ra
     return out
 
 
-def _window_batch(row: Mapping[str, np.ndarray], origins: Sequence[tuple[int, int]], w: int, hr_ratio: int,
+def window_batch(row: Mapping[str, np.ndarray], origins: Sequence[tuple[int, int]], w: int, hr_ratio: int,
                   modalities: Sequence[str]) -> dict[str, np.ndarray]:
     """The columns of the cube's row schema (``pipeline.datasource``) for windows of one tile sample row:
     (B, ...) with B = len(origins), each ``w`` S2 px (``w * hr_ratio`` HR px) at (y0, x0)."""
@@ -241,7 +241,7 @@ def load_support(entries: Sequence[SupportEntry], size: int, window: int, overla
         if int((lab10[best[0]:best[0] + window, best[1]:best[1] + window] < num_classes).sum()) == 0:
             raise ValueError(f"support tile {e.tile}: {e.labels} labels no pixel of it with a class < {num_classes}")
         one = {k: v[0] for k, v in row.items()}
-        rows.append(_window_batch(one, [best], window, hr_ratio, modalities))
+        rows.append(window_batch(one, [best], window, hr_ratio, modalities))
         y, x = best
         if "hr" in modalities:
             r = hr_ratio
@@ -389,7 +389,7 @@ class TilePredictor:
         with torch.no_grad():
             for i in range(0, len(origins), step):
                 part = origins[i:i + step]
-                x, _ = rows_to_input(_window_batch(row, part, s.window, s.hr_ratio, s.modalities), s.modalities)
+                x, _ = rows_to_input(window_batch(row, part, s.window, s.hr_ratio, s.modalities), s.modalities)
                 vals = self._window_values(x.to(self.device))  # (B, C, w, w) float32
                 if acc is None:
                     acc = torch.zeros((vals.shape[1], s.size, s.size), dtype=torch.float32, device=self.device)
@@ -935,7 +935,7 @@ class InferenceResult:
                 "failures": {t: r.splitlines()[0] if r else r for t, r in sorted(self.failed.items())}}
 
 
-def _actor_resources(cfg: InferenceConfig) -> tuple[int, float, int]:
+def actor_resources(cfg: InferenceConfig) -> tuple[int, float, int]:
     """(actors, CPUs per actor, torch threads per actor) for this cluster."""
     import ray
 
@@ -1035,7 +1035,7 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
     t_pipe = 0.0
     if todo and not (cfg.max_tiles is not None and cfg.max_tiles <= 0):
         init_ray(cfg.ray_address)
-        n_actors, per, threads = _actor_resources(cfg)
+        n_actors, per, threads = actor_resources(cfg)
         spec = dataclasses.replace(spec, threads=threads)
         ctx = ray.data.DataContext.get_current()
         saved = ctx.max_errored_blocks
