@@ -57,7 +57,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 import traceback
@@ -632,7 +631,8 @@ class InferenceConfig:
     with --gpu, else the cluster's CPUs less the read/write stages' share, split over the actors), threads
     (torch threads per actor; default its CPUs, rounded), read_cpus / write_cpus (Ray CPUs of a read / write
     task), seed (few-shot label ids), max_tiles (test hook: stop after this many tiles, before the mosaic),
-    write_pids (test hook: actors write their pids to ``<tile dir>/pids``)."""
+    write_pids (test hook: actors write their pids to ``<tile dir>/pids``), make_product (False: predict the tiles
+    and stop; the caller mosaics them with others, as ``pipeline.refresh`` does)."""
 
     cube: str
     checkpoint: str
@@ -658,6 +658,7 @@ class InferenceConfig:
     seed: int = 0
     max_tiles: int | None = None
     write_pids: bool = False
+    make_product: bool = True
 
 
 @dataclass
@@ -704,7 +705,7 @@ def _encoder_config(path: str | Path):
     return ModelConfig.from_dict(json.loads(meta["config"])), meta
 
 
-def _resolve_checkpoint(checkpoint: str, task: str) -> tuple[str, HeadInfo | None]:
+def resolve_checkpoint(checkpoint: str, task: str) -> tuple[str, HeadInfo | None]:
     """-> (encoder checkpoint path, head info for landcover)."""
     from pipeline.finetune import HEAD_FILE, read_head_info
 
@@ -734,7 +735,7 @@ def _resolve_checkpoint(checkpoint: str, task: str) -> tuple[str, HeadInfo | Non
     return str(Path(head.encoder).resolve()), head if task == "landcover" else None
 
 
-def _default_crs(search: Mapping[str, Any]) -> str | None:
+def default_product_crs(search: Mapping[str, Any]) -> str | None:
     """The UTM zone of the AOI's centre (the cube's search AOI), as 'EPSG:326xx' / 'EPSG:327xx'."""
     aoi = search.get("aoi")
     if not aoi:
@@ -773,7 +774,7 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
     ccfg = zarr_cube.cube_config(root)
     size, halo, tile_px = ccfg.grid.size_px, ccfg.grid.halo_px, ccfg.grid.tile_px
 
-    encoder, head = _resolve_checkpoint(cfg.checkpoint, cfg.task)
+    encoder, head = resolve_checkpoint(cfg.checkpoint, cfg.task)
     mcfg, _ = _encoder_config(encoder)
     cube_mods = [m for m, t in (("hr", ccfg.t_hr), ("s2", ccfg.t_s2), ("s1", ccfg.t_s1)) if t > 0]
     mods = [m for m in MODALITIES if m in mcfg.modalities and m in cube_mods]
@@ -879,7 +880,7 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
             raise ValueError(f"--crs {cfg.crs}: {e}") from None
         dst_crs = crs
     else:
-        dst_crs = _default_crs(dict(root.attrs.get("search", {})))
+        dst_crs = default_product_crs(dict(root.attrs.get("search", {})))
 
     spec = PredictorSpec(
         task=cfg.task, encoder=encoder, head=head.path if head else None, window=window, overlap=overlap,
@@ -966,20 +967,16 @@ def _input_items(cube: str, tiles: Sequence[str]) -> list[str]:
 
 def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str], say) -> tuple[Path, Path, Path]:
     """The mosaic COG, its quicklook PNG and STAC item from the done tiles."""
-    from pipeline.mosaic import mosaic_tiles, quicklook_png
+    from pipeline.mosaic import mosaic_tiles, product_blocksize, quicklook_png
     from pipeline.product_item import product_item, write_item
 
     cfg, spec = plan.config, plan.spec
     tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256,
             "window": str(spec.window), "overlap": str(spec.overlap)}
     classes = spec.task != "embeddings"
-    # Internal tiles of 512 px, smaller for small products: GDAL makes overviews only down to one block, and a
-    # demo product of a few tiles should have overviews too.
-    side = spec.core[1] * math.sqrt(len(done))
-    blocksize = 512 if side >= 2048 else max(16, 2 ** int(math.log2(max(side / 4, 16))))
     cog = mosaic_tiles(
         [tile_path(plan.tile_dir, t) for t in sorted(done)], plan.out, dst_crs=plan.dst_crs, nodata=plan.nodata,
-        blocksize=blocksize,
+        blocksize=product_blocksize(spec.core[1], len(done)),
         resampling="nearest" if classes else "bilinear", overview_resampling="mode" if classes else "average",
         colormap=(plan.colormap or None) if classes else None,
         class_names=(plan.class_names or None) if classes else None,
@@ -1109,13 +1106,13 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
     run_rec = {"started": datetime.now().isoformat(timespec="seconds"), "processed": len(processed),
                "skipped": len(already), "failed": len(failed), "stopped_early": stopped}
     t_mosaic = 0.0
-    if not stopped and done and (complete or cfg.allow_partial):
+    if not stopped and done and cfg.make_product and (complete or cfg.allow_partial):
         t0 = time.perf_counter()
         result.out, result.quicklook, result.item = _make_product(plan, done, failed, say)
         t_mosaic = time.perf_counter() - t0
         say(f"[infer] product {result.out} ({len(done)} tiles{f', {len(failed)} failed' if failed else ''}), "
             f"quicklook {result.quicklook.name}, STAC item {result.item.name}")
-    elif failed and not stopped:
+    elif failed and not stopped and cfg.make_product:
         say(f"[infer] {len(failed)} tile(s) failed, no product made (re-run to retry them, or --allow-partial)")
     manifest.write(run_rec)
     n_core = spec.core[1] ** 2

@@ -232,6 +232,14 @@ def _temp_compression(nbytes: float, directory: Path) -> str | None:
     return None if nbytes < free / 4 else "zstd"
 
 
+def product_blocksize(tile_px: int, n_tiles: int) -> int:
+    """Internal tile side of a product of ``n_tiles`` tile cores of ``tile_px``: 512 px, smaller for small
+    products (GDAL makes overviews only down to one block, and a demo product of a few tiles should have
+    overviews too)."""
+    side = tile_px * math.sqrt(max(n_tiles, 1))
+    return 512 if side >= 2048 else max(16, 2 ** int(math.log2(max(side / 4, 16))))
+
+
 def mosaic_tiles(
     tiles: Sequence[str | Path],
     out: str | Path,
