@@ -53,6 +53,7 @@ from shapely.geometry import box, mapping
 
 from pipeline import bands as B
 from pipeline.cog import write_cog
+from pipeline.flood import FLOOD_CLASSES, FLOOD_DRY, FLOOD_PERMANENT, FLOOD_WATER  # noqa: F401 (re-exported)
 from pipeline.grid import to_lonlat
 from pipeline.providers import DEMO_PROVIDER_NAME
 
@@ -84,12 +85,6 @@ DEMO_CLASSES: tuple[LandCoverClass, ...] = (
 )
 WATER, FOREST, GRASS, BUILT, BARE, CROP_EARLY, CROP_LATE = range(7)
 NODATA_CLASS = 255
-FLOOD_DRY, FLOOD_WATER, FLOOD_PERMANENT = 0, 1, 2
-FLOOD_CLASSES = (
-    LandCoverClass(0, "dry", "#f0ebd2", "not water"),
-    LandCoverClass(1, "flood_water", "#1f4ed8", "water on the event date only"),
-    LandCoverClass(2, "permanent_water", "#0b2a6b", "river and lake"),
-)
 
 
 @dataclass(frozen=True)
