@@ -688,7 +688,7 @@ class InferencePlan:
         return float("nan") if self.spec.task == "embeddings" else NODATA
 
 
-def _encoder_config(path: str | Path):
+def encoder_config(path: str | Path):
     """The ModelConfig stored in an encoder checkpoint, from its metadata only (no tensors loaded)."""
     from safetensors import safe_open
 
@@ -775,7 +775,7 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
     size, halo, tile_px = ccfg.grid.size_px, ccfg.grid.halo_px, ccfg.grid.tile_px
 
     encoder, head = resolve_checkpoint(cfg.checkpoint, cfg.task)
-    mcfg, _ = _encoder_config(encoder)
+    mcfg, _ = encoder_config(encoder)
     cube_mods = [m for m, t in (("hr", ccfg.t_hr), ("s2", ccfg.t_s2), ("s1", ccfg.t_s1)) if t > 0]
     mods = [m for m in MODALITIES if m in mcfg.modalities and m in cube_mods]
     if not mods:

@@ -130,7 +130,7 @@ class RefreshResult:
     reused: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     published: dict[str, str] = field(default_factory=dict)  # URL -> "created" | "replaced" | error
-    scores: dict[str, Any] = field(default_factory=dict)
+    warnings: dict[str, str] = field(default_factory=dict)  # tile -> what to look at
     seconds: float = 0.0
     message: str = ""
 
@@ -170,13 +170,11 @@ def model_version(cfg: RefreshConfig) -> tuple[str, dict[str, Any]]:
     if cfg.checkpoint is None:
         return OTSU_VERSION, {"method": "otsu", "version": OTSU_VERSION}
     from pipeline.finetune import file_sha256
-    from pipeline.inference import resolve_checkpoint
+    from pipeline.inference import encoder_config, resolve_checkpoint
 
     task = "fewshot" if cfg.support else "landcover"
     encoder, head = resolve_checkpoint(cfg.checkpoint, task)
-    from pipeline.inference import _encoder_config
-
-    preset = _encoder_config(encoder)[0].name
+    preset = encoder_config(encoder)[0].name
     if head is not None:
         sha = file_sha256(head.path)
         return f"{preset}-head-{sha[:10]}", {"method": "head", "task": task, "head": head.path, "head_sha256": sha,
@@ -186,6 +184,22 @@ def model_version(cfg: RefreshConfig) -> tuple[str, dict[str, Any]]:
     digest = hashlib.sha256((sha + support).encode()).hexdigest()
     return f"{preset}-fewshot-{digest[:10]}", {"method": "fewshot", "task": task, "checkpoint": encoder,
                                                 "checkpoint_sha256": sha, "support": cfg.support, "preset": preset}
+
+
+def s1_collections() -> set[str]:
+    """Every collection id a provider profile maps to Sentinel-1 (``pipeline.providers``)."""
+    from pipeline.bands import S1
+    from pipeline.providers import PROFILES
+
+    return {c for p in PROFILES.values() for c, cp in p.collections.items() if cp.modality == S1}
+
+
+def _newest_day(items, seen: dict[str, list[str]], collections: Sequence[str]) -> dict[str, str]:
+    """Per tile, the newest solar day (ISO) of the items of ``collections`` seen over it."""
+    from pipeline.cube import solar_day
+
+    day = {it.id: solar_day(it).isoformat() for it in items if it.collection_id in collections}
+    return {t: max((day[i] for i in ids if i in day), default=None) for t, ids in seen.items()}
 
 
 def _atomic_json(path: Path, doc: Any) -> None:
@@ -442,11 +456,19 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
         otsu_dir = work / "otsu"
         todo = [t for t in ingested if not (otsu_dir / "tiles" / f"{t}.tif").exists()]
         recs = run_otsu(str(cube), todo, otsu_dir, say) if todo else {}
+        newest_s1 = _newest_day(items, seen, s1_collections())
         for t in ingested:
             r = recs.get(t, {"status": "done"})
             if r["status"] == "done":
                 baseline_files[t] = otsu_dir / "tiles" / f"{t}.tif"
                 tile_records[t] = {k: v for k, v in r.items() if k != "status"}
+                newest = newest_s1.get(t)
+                if r.get("event_date") and newest and r["event_date"] < newest:
+                    result.warnings[t] = (f"the newest Sentinel-1 acquisition over it ({newest}) is not in the cube "
+                                          f"(event date {r['event_date']}): raise --t-s1 to the S1 dates of "
+                                          f"--baseline-days")
+                    tile_records[t]["warning"] = result.warnings[t]
+                    say(f"[refresh] warning: {t}: {result.warnings[t]}")
             elif cfg.checkpoint is None:
                 failed[t] = f"otsu: {r['reason']}"
         if cfg.checkpoint is None:
