@@ -276,6 +276,19 @@ def test_refresh_versions_only_touched_tiles(region, tmp_path, pgstac_server_tra
     assert time.monotonic() - t0 >= 4.0  # it could not have finished before the holder let go
     assert "pid" not in (state / "flood" / LOCK).read_text()  # released by the run that had it
 
+    # killed after its commit but before `latest` moved: the next run finds the committed version and only moves
+    # `latest` (the state is put back by hand to what such a kill leaves: version 2 on disk, latest -> version 1)
+    latest_doc = json.loads((state / "flood" / LATEST_JSON).read_text())
+    (state / "flood" / LATEST_JSON).write_text(json.dumps({**latest_doc, "version": out["version"]}))
+    (state / "flood" / "latest").unlink()
+    (state / "flood" / "latest").symlink_to(out["version"])
+    v2_files = {p.relative_to(v2): file_digest(p) for p in v2.rglob("*") if p.is_file()}
+    rc, out_r, err = refresh([*base, "--as-of", day2], region["gcs"])
+    assert rc == 0 and out_r["status"] == "recovered" and out_r["version"] == out2["version"], (out_r, err)
+    assert json.loads((state / "flood" / LATEST_JSON).read_text())["version"] == out2["version"]
+    assert (state / "flood" / "latest").resolve() == v2.resolve()
+    assert {p.relative_to(v2): file_digest(p) for p in v2.rglob("*") if p.is_file()} == v2_files
+
     # a run killed mid-way: the previous version and latest intact; the next run completes the work
     later = next(it for it in pystac.Catalog.from_file(str(region["catalog"])).get_items(recursive=True)
                  if it.collection_id == S1 and it.datetime.date() > fd)
