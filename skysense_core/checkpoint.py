@@ -199,7 +199,11 @@ def save_checkpoint(
     path: str | Path, model: nn.Module, teacher: nn.Module | None = None, heads: nn.Module | None = None,
     meta: dict | None = None,
 ) -> Path:
-    """Write model (+ teacher, + other modules) to ``path`` (safetensors) atomically."""
+    """Write model (+ teacher, + other modules) to ``path`` (safetensors) atomically.
+
+    When ``path`` already holds exactly these tensors and metadata, it is left as it is: safetensors writes its
+    metadata map in hash order, so the same content saved by another process has other bytes, and consumers
+    that pin a checkpoint by its sha256 (fine-tuned heads) would see a new file."""
     path = Path(path)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if teacher is not None:
@@ -208,11 +212,30 @@ def save_checkpoint(
         tensors.update({f"heads.{k}": v for k, v in heads.state_dict().items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "config": json.dumps(model.cfg.to_dict()), "meta": json.dumps(meta or {})}
+    if path.is_file() and _same_content(path, tensors, metadata):
+        return path
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
+
+
+def _same_content(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether the safetensors file ``path`` holds exactly ``tensors`` (names, dtypes, values) and ``metadata``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}) != metadata or set(f.keys()) != set(tensors):
+                return False
+            for k, v in tensors.items():
+                old = f.get_tensor(k)
+                if old.dtype != v.dtype or old.shape != v.shape or not torch.equal(old, v):
+                    return False
+    except Exception:  # unreadable or partial: rewrite it
+        return False
+    return True
 
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], dict]:

@@ -15,6 +15,7 @@ from skysense_core.checkpoint import (
     from_official,
     load_checkpoint,
     load_official,
+    read_checkpoint,
     save_checkpoint,
     to_official,
 )
@@ -155,3 +156,20 @@ def test_load_rejects_other_files(tmp_path, model):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="format"):
         load_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_saving_the_same_content_keeps_the_file(tmp_path, model):
+    """Heads pin their encoder by sha256: re-exporting unchanged weights (a resumed run with nothing left to do)
+    must not write a new file, whose metadata safetensors would order differently."""
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, meta={"steps": 20})
+    before = path.stat().st_ino, path.read_bytes()
+    save_checkpoint(path, model, meta={"steps": 20})
+    assert (path.stat().st_ino, path.read_bytes()) == before
+    save_checkpoint(path, model, meta={"steps": 21})  # other metadata: rewritten
+    assert path.stat().st_ino != before[0] and read_checkpoint(path)[2]["steps"] == 21
+    with torch.no_grad():
+        model.glbank.prototypes.add_(1.0)
+    ino = path.stat().st_ino
+    save_checkpoint(path, model, meta={"steps": 21})  # other values: rewritten
+    assert path.stat().st_ino != ino
+    assert torch.equal(read_checkpoint(path)[1]["model"]["glbank.prototypes"], model.glbank.prototypes)
