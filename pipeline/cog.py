@@ -16,6 +16,11 @@ from affine import Affine
 from rasterio.crs import CRS
 
 
+def hex_rgba(color: str) -> tuple[int, int, int, int]:
+    """'#rrggbb' -> (r, g, b, 255), a colour-table entry."""
+    return int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16), 255
+
+
 def cog_options(
     dtype: np.dtype | str,
     *,

@@ -52,8 +52,8 @@ from scipy import ndimage
 from shapely.geometry import box, mapping
 
 from pipeline import bands as B
-from pipeline.cog import write_cog
-from pipeline.flood import FLOOD_CLASSES, FLOOD_DRY, FLOOD_PERMANENT, FLOOD_WATER  # noqa: F401 (re-exported)
+from pipeline.cog import hex_rgba, write_cog
+from pipeline.flood import FLOOD_CLASSES, FLOOD_DRY, FLOOD_PERMANENT, FLOOD_WATER, flood_legend
 from pipeline.grid import to_lonlat
 from pipeline.providers import DEMO_PROVIDER_NAME
 
@@ -664,10 +664,6 @@ def region_bbox(cfg: DemoConfig) -> tuple[float, float, float, float]:
     return tuple(_footprint(cfg).bounds)
 
 
-def _hex_rgba(h: str) -> tuple[int, int, int, int]:
-    return int(h[1:3], 16), int(h[3:5], 16), int(h[5:7], 16), 255
-
-
 def _providers() -> list[pystac.Provider]:
     return [
         pystac.Provider(
@@ -862,7 +858,7 @@ def write_truth(cfg: DemoConfig, scene: Scene, root: Path) -> dict[str, Path]:
     tdir = root / "truth"
     names = {str(c.value): c.name for c in DEMO_CLASSES}
     tags = {"class_names": json.dumps(names), "description": "demo region ground truth"}
-    cmap = {c.value: _hex_rgba(c.color) for c in DEMO_CLASSES}
+    cmap = {c.value: hex_rgba(c.color) for c in DEMO_CLASSES}
     out = {
         "landcover_10m": write_cog(
             tdir / "landcover_10m.tif",
@@ -890,14 +886,15 @@ def write_truth(cfg: DemoConfig, scene: Scene, root: Path) -> dict[str, Path]:
     flood[scene.flood10] = FLOOD_WATER
     flood[scene.permanent_water10] = FLOOD_PERMANENT
     fd = cfg.flood_date()
-    ftags = {"class_names": json.dumps({str(c.value): c.name for c in FLOOD_CLASSES}), "event_date": fd.isoformat()}
+    fnames, fcolors = flood_legend()
+    ftags = {"class_names": json.dumps({str(k): v for k, v in fnames.items()}), "event_date": fd.isoformat()}
     out["flood"] = write_cog(
         tdir / f"flood_{fd:%Y%m%d}.tif",
         flood,
         transform=cfg.transform(10),
         crs=cfg.epsg,
         nodata=NODATA_CLASS,
-        colormap={c.value: _hex_rgba(c.color) for c in FLOOD_CLASSES},
+        colormap=fcolors,
         tags=ftags,
         overview_resampling="mode",
     )

@@ -51,9 +51,9 @@ FALLBACK_DB = -18.0  # the usual fixed VV water threshold, used when a tile show
 
 def flood_legend() -> tuple[dict[int, str], dict[int, tuple[int, int, int, int]]]:
     """({value: name}, {value: RGBA}) of :data:`FLOOD_CLASSES`."""
-    names = {c.value: c.name for c in FLOOD_CLASSES}
-    colors = {c.value: (*(int(c.color[i:i + 2], 16) for i in (1, 3, 5)), 255) for c in FLOOD_CLASSES}
-    return names, colors
+    from pipeline.cog import hex_rgba
+
+    return {c.value: c.name for c in FLOOD_CLASSES}, {c.value: hex_rgba(c.color) for c in FLOOD_CLASSES}
 
 
 def multilook_db(vv_db: np.ndarray, size: int = 3) -> np.ndarray:

@@ -19,6 +19,7 @@ from rio_cogeo.cogeo import cog_validate
 
 from pipeline import bands as B
 from pipeline import demo
+from pipeline.cog import hex_rgba
 from pipeline.providers import DEMO_PROVIDER_NAME, resolve_item
 from pipeline.stac import SearchQuery, StaticCatalogSource
 
@@ -149,7 +150,7 @@ def test_truth_classes_present_with_names_and_colours(demo_region):
     assert {"water", "forest", "grassland", "built_up", "bare", "crop_early", "crop_late"} == set(names.values())
     for c in demo.DEMO_CLASSES:
         assert (t == c.value).mean() > 0.003, f"class {c.name} too rare"
-        assert cmap[c.value][:3] == demo._hex_rgba(c.color)[:3]
+        assert cmap[c.value][:3] == hex_rgba(c.color)[:3]
     # The 10 m truth is the HR class map sampled at S2 pixel centres.
     with rasterio.open(tdir / "landcover_hr.tif") as src:
         hr = src.read(1)
