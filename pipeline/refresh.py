@@ -79,6 +79,12 @@ class RefreshBusy(RuntimeError):
     """Another run of the same product holds the lock."""
 
 
+def default_cube() -> CubeConfig:
+    """The refresh cube: the ingest defaults, except 8 S2 and 8 S1 dates (the flood baseline needs every S1 date
+    of its window, so that the latest one is in the cube)."""
+    return CubeConfig(t_s2=8, t_s1=8)
+
+
 @dataclass
 class RefreshConfig:
     """One refresh run (``jobs/refresh.py`` flags in brackets).
@@ -105,7 +111,7 @@ class RefreshConfig:
     support: str | None = None
     season_start: date | None = None
     baseline_days: int = 36
-    cube: CubeConfig = field(default_factory=lambda: CubeConfig(t_s2=8, t_s1=8))
+    cube: CubeConfig = field(default_factory=default_cube)
     collections: list[str] | None = None
     window: int | None = None
     overlap: int | None = None
@@ -516,7 +522,7 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
         tiles_doc[t] = rec
     done_tiles = [t for t in tile_ids if tiles_doc[t]["status"] == "done"]
     result.affected, result.reused = affected, reused
-    result.failed = {t: r for t, r in failed.items()}
+    result.failed = dict(failed)
     if not done_tiles:
         result.message = f"no tile could be predicted: {next(iter(failed.values()), '')}"
         say(f"[refresh] {result.message}; the previous version stays latest")
@@ -657,10 +663,8 @@ def _bookkeeping(cfg: RefreshConfig, prod_dir: Path, say) -> dict[str, str]:
 
 def cube_config_from_flags(tile_px: int | None, halo_px: int | None, t_s2: int | None, t_s1: int | None,
                            t_hr: int | None, hr_ratio: int | None) -> CubeConfig:
-    """The refresh cube: the ingest defaults, except 8 S2 and 8 S1 dates (the flood baseline needs every S1 date
-    of its window, so that the latest one is in the cube), overridden by the flags given."""
-    d = RefreshConfig.__dataclass_fields__["cube"].default_factory()
+    """:func:`default_cube` overridden by the flags given."""
+    d = default_cube()
     grid = TileGrid(tile_px or d.grid.tile_px, d.grid.halo_px if halo_px is None else halo_px)
     return CubeConfig(grid=grid, t_s2=t_s2 or d.t_s2, t_s1=t_s1 or d.t_s1, t_hr=t_hr or d.t_hr,
                       hr_ratio=hr_ratio or d.hr_ratio)
-

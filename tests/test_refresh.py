@@ -184,7 +184,6 @@ def test_otsu_flood_classes_synthetic():
 @pytest.mark.pgstac
 def test_refresh_versions_only_touched_tiles(region, tmp_path, pgstac_server_transactions):
     fd = region["flood_date"]
-    s1_ids_before = []
     live = copy_catalog(region["catalog"], tmp_path / "live",
                         keep=lambda it: it.collection_id != S1 or it.datetime.date() < fd)
     state = tmp_path / "state"
