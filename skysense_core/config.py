@@ -48,6 +48,12 @@ class ModelConfig:
     # SkySense++ global projected-MHSA after stages 0..n-2 (0 disables): dims 256/512/1024, 16 heads each
     hr_global_attn_dims: tuple[int, ...] = (256, 512, 1024)
     hr_global_attn_heads: int = 16
+    # [ours] the global attention attends within square blocks of this many Sentinel px (hr_ratio x that in HR
+    # px) instead of over the whole input: 16 = the official input (512 HR px at hr_ratio 32, the S2/S1 16 x 16
+    # patch) and our pretraining window, i.e. the context the weights were trained on. Bounded, the cost per
+    # pixel does not grow with the inference window and a pixel's features depend on its block only; at an input
+    # of one block the result is the official one. 0 = unbounded (the official code at any input size).
+    hr_global_attn_block: int = 16
     # --- S2 / S1 encoders: ViT ---
     s2_bands: int = 10
     s1_bands: int = 2
@@ -168,14 +174,16 @@ PRESETS: dict[str, ModelConfig] = {
         geo_lat_bands=16, geo_lon_bands=16, geo_prototypes=32, vae_conv_dim=64, vae_codebook=1024,
         uper_channels=128, vit_merge_layers=2,
     ),
-    # [ours] for CPU tests: every code path, a few thousand parameters per module. HR ratio 8 (the demo cube's),
-    # three Swin stages with patch 2.
+    # [ours] for CPU tests and the demo: every code path, a few thousand parameters per module. HR ratio 8 (the
+    # demo cube's), three Swin stages with patch 2. Global attention in blocks of 4 Sentinel px (32 HR px): at 16
+    # its stage-0 attention (4096 tokens per block) alone cost 4.2 MFLOP per pixel, twice the rest of the model,
+    # which the demo's 2 CPU cores cannot afford.
     "tiny": ModelConfig(
         name="tiny", hr_ratio=8, hr_embed_dim=16, hr_depths=(1, 1, 2), hr_heads=(1, 2, 4), hr_window=4,
         hr_extra_norm_every=2, hr_drop_path=0.0, hr_global_attn_dims=(16, 16), hr_global_attn_heads=2,
         vit_dim=32, vit_depth=2, vit_heads=2, vit_drop_path=0.0, fusion_dim=32, fusion_depth=2, fusion_heads=2,
         fusion_drop_path=0.0, geo_lat_bands=4, geo_lon_bands=4, geo_prototypes=8, vae_conv_dim=16,
-        vae_codebook=32, hr_merge_stages=1, vit_merge_layers=1, uper_channels=32,
+        vae_codebook=32, hr_merge_stages=1, vit_merge_layers=1, uper_channels=32, hr_global_attn_block=4,
     ),
 }
 

@@ -70,7 +70,7 @@ class _SwinV2BlockExtraNorm(SwinTransformerV2Block):
 class MultiheadSelfAttention(nn.Module):
     """Multi-head self-attention with torch ``nn.MultiheadAttention``'s parameter names (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj``), the names the official checkpoints use after ``Wqkv -> in_proj``, computed
-    by SDPA. ``forward(x (B, N, C), key_padding_mask (B, N) bool True = ignore) -> (B, N, C)``."""
+    by SDPA. ``forward(x (B, N, C), key_keep (B, N) bool True = may be attended to, or None) -> (B, N, C)``."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -82,22 +82,61 @@ class MultiheadSelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_keep: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(
             2, 0, 3, 1, 4
         )
-        out = F.scaled_dot_product_attention(q, k, v)
+        mask = None if key_keep is None else key_keep[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nH * nW, block * block, C) square blocks of a lattice anchored at (0, 0), the input
+    zero-padded to whole blocks; with the key mask (same rows, block * block) bool that excludes the padding, or
+    None when there is none; and (nH, nW)."""
+    b, h, w, c = x.shape
+    nh, nw = -(-h // block), -(-w // block)
+    ph, pw = nh * block - h, nw * block - w
+    keep = None
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        keep = torch.zeros((nh * block, nw * block), dtype=torch.bool, device=x.device)
+        keep[:h, :w] = True
+        keep = keep.view(nh, block, nw, block).permute(0, 2, 1, 3).reshape(1, nh * nw, block * block)
+        keep = keep.expand(b, -1, -1).reshape(b * nh * nw, block * block)
+    x = x.view(b, nh, block, nw, block, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, block * block, c)
+    return x, keep, (nh, nw)
+
+
+def _unblocks(x: torch.Tensor, b: int, h: int, w: int, n: tuple[int, int]) -> torch.Tensor:
+    """The inverse of :func:`_blocks`: (B * nH * nW, block * block, C) -> (B, H, W, C), the padding cut off."""
+    nh, nw = n
+    block = math.isqrt(x.shape[1])
+    c = x.shape[-1]
+    x = x.view(b, nh, nw, block, block, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * block, nw * block, c)
+    return x[:, :h, :w]
 
 
 class ProjectedGlobalAttention(nn.Module):
     """SkySense++ global attention after a Swin stage: ``proj_out(z + MHA(z))`` with ``z = proj_in(x)``.
 
     The inner identity is the one mmcv's MultiheadAttention wrapper adds; a port that dropped it lost the
-    model (1-shot mIoU 0.55 -> 0.009). The stage then adds the block's output to its input. Attention is over
-    every token of the stage (not windowed), hence SDPA.
-    ``(B, N, dim) -> (B, N, dim)``. ``proj_in`` / ``proj_out`` / ``attn`` are the official names.
+    model (1-shot mIoU 0.55 -> 0.009). The stage then adds the block's output to its input. ``proj_in`` /
+    ``proj_out`` / ``attn`` are the official names.
+
+    ``forward(x (B, H, W, dim), block, panels=(1, 1)) -> (B, H, W, dim)``. The official model attends over every
+    token of the stage, which makes the cost per pixel grow linearly with the input side and every output depend
+    on the whole input. With ``block`` > 0 (tokens) attention stays inside ``block x block`` squares of a lattice
+    anchored at the origin (the last row and column of blocks are cut short by the edge, their padding masked out
+    of the keys), so the cost per pixel is fixed and the receptive field local.
+
+    ``panels`` (rows, cols): the input is that many equal images side by side, whose tokens must meet: few-shot
+    stacks support tiles above the query, masked semantic learning puts label tokens beside the image tokens. The
+    lattice is then anchored at each panel's origin and the same block of every panel attends as one group
+    (cost per pixel: panels x block^2 keys). An input whose panels fit in one block takes exactly the unbounded
+    path, so the official weights give the official result there.
     """
 
     def __init__(self, dim: int, inner_dim: int, heads: int):
@@ -106,9 +145,26 @@ class ProjectedGlobalAttention(nn.Module):
         self.attn = MultiheadSelfAttention(inner_dim, heads)
         self.proj_out = nn.Linear(inner_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, block: int = 0, panels: tuple[int, int] = (1, 1)) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        pv, ph = panels
+        if h % pv or w % ph:
+            raise ValueError(f"a {h} x {w} token grid does not split into {pv} x {ph} equal panels")
+        hp, wp = h // pv, w // ph
         z = self.proj_in(x)
-        return self.proj_out(z + self.attn(z))
+        if block <= 0 or (hp <= block and wp <= block):
+            return self.proj_out(z + self.attn(z.reshape(b, h * w, -1)).view(b, h, w, -1))
+        c = z.shape[-1]
+        # (B, H, W, C) -> one image per panel (B * pv * ph, hp, wp, C) -> blocks, grouped over the panels
+        per_panel = z.view(b, pv, hp, ph, wp, c).permute(0, 1, 3, 2, 4, 5).reshape(b * pv * ph, hp, wp, c)
+        blocks, keep, n = _blocks(per_panel, block)
+        nb, length, p = n[0] * n[1], blocks.shape[1], pv * ph
+        groups = blocks.view(b, p, nb, length, c).transpose(1, 2).reshape(b * nb, p * length, c)
+        if keep is not None:
+            keep = keep.view(b, p, nb, length).transpose(1, 2).reshape(b * nb, p * length)
+        out = self.attn(groups, keep).view(b, nb, p, length, c).transpose(1, 2).reshape(b * p * nb, length, c)
+        out = _unblocks(out, b * p, hp, wp, n).view(b, pv, ph, hp, wp, c).permute(0, 1, 3, 2, 4, 5)
+        return self.proj_out(z + out.reshape(b, h, w, c))
 
 
 def label_tokens(
@@ -145,7 +201,9 @@ class SwinV2Encoder(SwinTransformerV2):
     ``C_i = embed * 2**i`` and ``s_i = patch * 2**i``; the last stride equals ``hr_ratio``. With ``label_ids``
     (B, H, W) the first ``hr_merge_stages`` stages see image and label tokens side by side (``token_mask``
     (B, H/patch, W/patch) bool replaces masked label tokens by ``mask_token``); outputs of the merged stages but
-    the last are the two halves concatenated on channels (2 C_i), as the official decoder expects.
+    the last are the two halves concatenated on channels (2 C_i), as the official decoder expects. ``panels``: the
+    input is that many equal tiles stacked vertically (few-shot), whose global attention blocks attend together
+    (:class:`ProjectedGlobalAttention`).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -183,12 +241,19 @@ class SwinV2Encoder(SwinTransformerV2):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.vocabulary_token, std=0.02)
 
+    def global_attn_block(self, stage: int) -> int:
+        """Side of the global attention's blocks after ``stage``, in that stage's tokens (0 = unbounded):
+        ``hr_global_attn_block`` Sentinel px, each ``2**(stages - 1 - stage)`` tokens wide there."""
+        block = self.cfg.hr_global_attn_block
+        return block * 2 ** (len(self.layers) - 1 - stage) if block > 0 else 0
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
     def forward(
-        self, x: torch.Tensor, label_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, label_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
+        panels: int = 1,
     ) -> list[torch.Tensor]:
         p = self.cfg.hr_patch_size
         if x.shape[-2] % self.cfg.hr_ratio or x.shape[-1] % self.cfg.hr_ratio:
@@ -208,8 +273,8 @@ class SwinV2Encoder(SwinTransformerV2):
             if merge and i == merge - 1:  # official order: average the halves, then the global attention
                 x = _split_halves(x, "mean")
             if self.global_attn and i < last:
-                b, h, w, c = x.shape
-                x = x + getattr(self, f"attn{i + 1}")(x.reshape(b, h * w, c)).view(b, h, w, c)
+                side_by_side = 2 if merge and i < merge - 1 else 1  # image | label tokens, not yet averaged
+                x = x + getattr(self, f"attn{i + 1}")(x, self.global_attn_block(i), (panels, side_by_side))
                 if i == last - 1:
                     x = self.norm_attn(x)
             out = _split_halves(x, "cat") if merge and i < merge - 1 else x
@@ -295,6 +360,15 @@ class UPHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, scale: int):
         super().__init__()
         self.decoder = nn.Sequential(nn.Conv2d(in_dim, out_dim * scale * scale, 1), nn.PixelShuffle(scale))
+        self.out_dim, self.scale = out_dim, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(x)
+        """The conv and the shuffle as one matmul on channels-last pixels and one permutation (the same numbers as
+        ``self.decoder(x)``, half the time on CPU). The result is (N, C, h*p, w*p) in channels-last memory: the
+        fusion reads every location's C values together, so the per-location sequences are built from it by
+        contiguous copies."""
+        conv, p, c = self.decoder[0], self.scale, self.out_dim
+        n, _, h, w = x.shape
+        y = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias)  # (N, h, w, C * p * p)
+        y = y.view(n, h, w, c, p, p).permute(0, 1, 4, 2, 5, 3).reshape(n, h * p, w * p, c)
+        return y.permute(0, 3, 1, 2)

@@ -13,9 +13,12 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+CPU_CHUNK_FLOATS = 2**21  # [ours] 8 MiB of float32: the working set of one chunk of sequences on CPU
 
 
 class FusionTransformer(nn.Module):
@@ -42,16 +45,53 @@ class FusionTransformer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if tokens.device.type == "cpu":
+            # On CPU the sequences go through in chunks whose largest activation (the MLP hidden layer) stays
+            # near 8 MiB, i.e. in cache: 2.1x faster for tiny on 2 cores than one pass over a whole window (ours,
+            # measured; on GPU one large batch is what the device wants).
+            chunk = max(16, CPU_CHUNK_FLOATS // max(1, (tokens.shape[1] + 1) * self.layers[0].mlp.fc1.out_features))
+            if tokens.shape[0] > chunk:
+                return torch.cat([self._forward(tokens[i:i + chunk], keep[i:i + chunk])
+                                  for i in range(0, tokens.shape[0], chunk)])
+        return self._forward(tokens, keep)
+
+    def _forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         s = tokens.shape[0]
         x = torch.cat([self.cls_token.expand(s, -1, -1).to(tokens.dtype), self.porj_linear(tokens)], dim=1)
         keep = torch.cat([keep.new_ones(s, 1), keep], dim=1)  # the extra token always attends to itself
         mask = keep[:, None, None, :]  # (S, 1, 1, L+1) bool, True = may be attended to
-        for layer in self.layers:
+        *layers, last = self.layers
+        for layer in layers:
             if self.grad_checkpointing and x.requires_grad:
                 x = checkpoint(layer, x, mask, use_reentrant=False)
             else:
                 x = layer(x, attn_mask=mask)
-        return x[:, 0]
+        if self.grad_checkpointing and x.requires_grad:
+            return checkpoint(extra_token_layer, last, x, mask, use_reentrant=False)
+        return extra_token_layer(last, x, mask)
+
+
+def extra_token_layer(layer: Block, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The last fusion layer, computed for the extra token alone: ``layer(x, attn_mask=mask)[:, 0]`` without the
+    queries, projections and MLP of the date tokens, whose outputs nothing reads. The same arithmetic as timm's
+    ``Block`` / ``Attention`` (checked in the tests), on L+1 keys but one query: (S, L+1, D) -> (S, D)."""
+    attn = layer.attn
+    if getattr(attn, "gate", None) is not None:
+        raise NotImplementedError("gated attention")
+    h = layer.norm1(x)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, :1], w[: attn.attn_dim], None if b is None else b[: attn.attn_dim])
+    kv = F.linear(h, w[attn.attn_dim:], None if b is None else b[attn.attn_dim:])
+    s, n = h.shape[:2]
+    q = attn.q_norm(q.view(s, 1, attn.num_heads, attn.head_dim).transpose(1, 2))
+    k, v = kv.view(s, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    k = attn.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                       dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(s, 1, attn.attn_dim))))
+    y = x[:, :1] + layer.drop_path1(layer.ls1(o))
+    y = y + layer.drop_path2(layer.ls2(layer.mlp(layer.norm2(y))))
+    return y[:, 0]
 
 
 def doy_index(doy: torch.Tensor, entries: int = 366) -> torch.Tensor:

@@ -38,10 +38,13 @@ class SemanticInput:
                official loader does; grid -> HR by repetition).
     cell_mask  (B, h / mask_cell, w / mask_cell) bool, True = this cell's label tokens are replaced by the mask
                token (the cells to predict).
+    panels     the sample is this many equal tiles stacked vertically (few-shot: supports above the query); the
+               bounded HR global attention lets the same block of every tile attend together.
     """
 
     ids: torch.Tensor
     cell_mask: torch.Tensor | None = None
+    panels: int = 1
 
 
 @dataclass
@@ -52,20 +55,30 @@ class SkySenseOutput:
     keep        m -> (B, T_m, h, w) bool, the date token takes part in the fusion at that location
     summary     m -> (B, C, h, w) mean over kept dates; after completion for the modalities a sample lacks
     hr_pyramid  per Swin stage (B, C_i, H/s_i, W/s_i) of each sample's first valid HR date, or None
-    completion  the modality-completion output (for its loss), or None
+    completion  the modality-completion output (for its loss), or None; outside training it covers only the
+                samples that lacked a modality (None when none did: the VAEs did not run)
     fused_mm    (B, D, h, w) the extra-token output of the fusion, F_fus^mm
     geo         (B, D, h, w) attention of F_fus^mm to the sample's region prototypes, or None
     """
 
     tokens: dict[str, torch.Tensor]
     keep: dict[str, torch.Tensor]
-    summary: dict[str, torch.Tensor]
+    completed_summary: dict[str, torch.Tensor]
     fused_mm: torch.Tensor
     hr_pyramid: list[torch.Tensor] | None = None
     completion: CompletionOutput | None = None
     geo: torch.Tensor | None = None
     semantic_on_hr: bool = False
     extras: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, torch.Tensor]:
+        """m -> (B, C, h, w): ``completed_summary`` where completion ran, else the masked date mean, computed on
+        first access (inference never reads it: one pass less over every date token)."""
+        for m in self.tokens:
+            if m not in self.completed_summary:
+                self.completed_summary[m] = _masked_mean(self.tokens[m], self.keep[m])
+        return self.completed_summary
 
     @property
     def fused(self) -> torch.Tensor:
@@ -147,7 +160,7 @@ class SkySense(nn.Module):
         h, w = grid
         idx = x.valid.nonzero(as_tuple=False)  # (N, 2): only valid dates are encoded, so padding costs nothing
         c = self.cfg.token_dim
-        tokens = x.data.new_zeros((b, t, c, h, w), dtype=self.ctpe.dtype)
+        tokens = x.data.new_zeros((b, t, c, h, w), dtype=self.ctpe.dtype) if len(idx) < b * t or not len(idx) else None
         keep = torch.zeros((b, t, h, w), dtype=torch.bool, device=x.data.device)
         pyramid = None
         if len(idx):
@@ -156,7 +169,7 @@ class SkySense(nn.Module):
             if sem is not None:
                 ids, tmask = self._semantic_for(m, sem, idx[:, 0], grid)
             if m == "hr":
-                pyramid = self.backbone_hr(data, ids, tmask)
+                pyramid = self.backbone_hr(data, ids, tmask, panels=sem.panels if sem is not None else 1)
                 feat = pyramid[-1]
                 if feat.shape[1] != c:  # merged stages can only be < all stages, so the last is single width
                     raise RuntimeError("HR last stage has an unexpected width")
@@ -164,7 +177,10 @@ class SkySense(nn.Module):
                 feat = getattr(self, f"head_{m}")(getattr(self, f"backbone_{m}")(data, ids, tmask))
             if tuple(feat.shape[-2:]) != (h, w):
                 raise ValueError(f"{m} lands on a {tuple(feat.shape[-2:])} grid, other modalities on {(h, w)}")
-            tokens = tokens.index_put((idx[:, 0], idx[:, 1]), feat.to(tokens.dtype))
+            if len(idx) == b * t:  # every date valid: nonzero() lists (b, t) in row-major order
+                tokens = feat.to(self.ctpe.dtype).reshape(b, t, c, h, w)
+            else:
+                tokens = tokens.index_put((idx[:, 0], idx[:, 1]), feat.to(tokens.dtype))
             ok = torch.ones((len(idx), h, w), dtype=torch.bool, device=keep.device)
             if x.mask is not None:
                 pix = x.mask[idx[:, 0], idx[:, 1]].float()
@@ -217,29 +233,33 @@ class SkySense(nn.Module):
                 if len(first) == bsz:
                     sel = torch.tensor([first[i] for i in range(bsz)], device=idx.device)
                     pyramid = [p[sel] for p in pyr]
-        summary = {m: _masked_mean(tokens[m], keep[m]) for m in tokens}
         present = {m: getattr(batch, m).valid.any(1) for m in tokens}
-        extras = {"summary_in": dict(summary), "present": present}  # before completion: the completion loss's input
-
-        completion = None
+        extras = {"present": present}
+        completion, summary = None, {}
         if self.modality_vae is not None:
-            completion = self._complete(tokens, keep, doys, summary, present, bsz, grid)
+            completion, summary = self._complete(tokens, keep, doys, present, bsz, grid, extras)
 
         order = [m for m in MODALITIES if m in tokens]
-        seq, seq_keep = [], []
+        # One sequence per location, written straight into the fusion's (B, h, w, L, C) layout: one strided copy
+        # per modality instead of a concatenation and a permutation of the whole (B, L, C, h, w) stack.
+        ref = tokens[order[0]]
+        b, _, c, h, w = ref.shape
+        n_tok = sum(tokens[m].shape[1] for m in order)
+        seq = ref.new_empty((b, h, w, n_tok, c))
+        seq_keep = torch.empty((b, h, w, n_tok), dtype=torch.bool, device=ref.device)
+        off = 0
         for m in order:
-            tok = tokens[m]
+            tok, t = tokens[m], tokens[m].shape[1]
+            dst = seq[:, :, :, off:off + t]
+            dst.copy_(tok.permute(0, 3, 4, 1, 2))
             if m in cfg.doy_modalities:
                 pe = self.ctpe[0, doy_index(doys[m], cfg.doy_entries)]  # (B, T, C)
                 pe = pe * (doys[m] > 0).unsqueeze(-1).to(pe.dtype)  # completed tokens carry no date
-                tok = tok + pe[..., None, None].to(tok.dtype)
-            seq.append(tok)
-            seq_keep.append(keep[m])
-        seq = torch.cat(seq, dim=1)  # (B, L, C, h, w)
-        seq_keep = torch.cat(seq_keep, dim=1)  # (B, L, h, w)
-        b, n_tok, c, h, w = seq.shape
-        seq = seq.permute(0, 3, 4, 1, 2).reshape(b * h * w, n_tok, c)
-        seq_keep = seq_keep.permute(0, 2, 3, 1).reshape(b * h * w, n_tok)
+                dst += pe[:, None, None].to(seq.dtype)
+            seq_keep[:, :, :, off:off + t] = keep[m].permute(0, 2, 3, 1)
+            off += t
+        seq = seq.view(b * h * w, n_tok, c)
+        seq_keep = seq_keep.view(b * h * w, n_tok)
         fused_mm = self.fusion(seq, seq_keep).view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
         geo_feat = None
@@ -248,41 +268,61 @@ class SkySense(nn.Module):
                 raise ValueError("geo-context needs the tile centre: set batch.lat / batch.lon, or pass geo=False")
             geo_feat = self.glbank(fused_mm, batch.lat, batch.lon)
         return SkySenseOutput(
-            tokens=tokens, keep=keep, summary=summary, fused_mm=fused_mm, hr_pyramid=pyramid,
+            tokens=tokens, keep=keep, completed_summary=summary, fused_mm=fused_mm, hr_pyramid=pyramid,
             completion=completion, geo=geo_feat, semantic_on_hr=semantic is not None and pyramid is not None,
             extras=extras,
         )
 
-    def _complete(self, tokens, keep, doys, summary, present, bsz, grid) -> CompletionOutput | None:
+    def _complete(self, tokens, keep, doys, present, bsz, grid, extras) -> tuple[CompletionOutput | None, dict]:
         """SkySense++ modality completion on per-modality date means; a modality a sample lacks enters the
-        fusion as one completed token (no date) in place of its first date slot."""
+        fusion as one completed token (no date) in place of its first date slot. Returns the completion output
+        and the per-modality summaries after completion ({} when it did not run); ``extras["summary_in"]`` gets
+        the summaries before completion (the completion loss's input).
+
+        In training every sample goes through the VAEs (the completion loss reconstructs the modalities a sample
+        has, and DDP needs every parameter used). Otherwise only the samples that lack a modality do, and nothing
+        runs when none does (its output would be discarded: present features pass through untouched); the
+        returned output then covers those samples only, or is None."""
         cfg = self.cfg
-        missing_any = any(m not in tokens or not bool(present[m].all()) for m in cfg.modalities)
+        lacking = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        for m in cfg.modalities:
+            lacking |= ~present[m] if m in tokens else True
         h, w = grid
+        missing_any = bool(lacking.any())
         if h % 4 or w % 4:
             if missing_any:
                 raise ValueError(f"modality completion needs a grid that is a multiple of 4, got {(h, w)}")
-            return None
-        out = self.modality_vae(summary, present)
+            return None, {}
+        if not self.training and not missing_any:
+            return None, {}
+        summary = {m: _masked_mean(tokens[m], keep[m]) for m in tokens}
+        extras["summary_in"] = dict(summary)
+        rows = None if self.training or bool(lacking.all()) else lacking.nonzero()[:, 0]
+        if rows is None:
+            out = self.modality_vae(summary, present)
+        else:  # the VAEs are per-sample convolutions: a sub-batch gives those samples' full-batch result
+            out = self.modality_vae({m: f[rows] for m, f in summary.items()}, {m: p[rows] for m, p in present.items()})
         for m in cfg.modalities:
-            done = out.completed[m]  # (B,) filled in
+            done, filled = out.completed[m], out.features[m]  # over the rows that went through the VAEs
             if not bool(done.any()):
                 continue
-            filled = out.features[m]
-            if m not in tokens:
+            if m not in tokens:  # every sample lacks it, so rows is None
                 tokens[m] = filled.unsqueeze(1)
                 keep[m] = done[:, None, None, None].expand(bsz, 1, h, w).clone()
                 doys[m] = torch.zeros((bsz, 1), dtype=torch.long, device=filled.device)
                 summary[m] = filled
                 continue
+            if rows is not None:
+                done = torch.zeros(bsz, dtype=torch.bool, device=done.device).index_put((rows,), done)
+                filled = summary[m].index_put((rows,), filled.to(summary[m].dtype))
             sel = done[:, None, None, None].to(filled.dtype)
             first = tokens[m][:, 0] * (1 - sel) + filled * sel
             tokens[m] = torch.cat([first.unsqueeze(1), tokens[m][:, 1:]], dim=1)
             keep[m] = keep[m].clone()
             keep[m][:, 0] |= done[:, None, None]
             doys[m][:, 0] = torch.where(done, torch.zeros_like(doys[m][:, 0]), doys[m][:, 0])
-            summary[m] = out.features[m]
-        return out
+            summary[m] = filled
+        return out, summary
 
     # ----------------------------------------------------------------------------------------------------------
     def semantic_logits(self, out: SkySenseOutput, out_size: tuple[int, int] | None = None) -> torch.Tensor:

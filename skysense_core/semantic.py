@@ -225,7 +225,7 @@ def few_shot_segment(
         cell_mask = torch.zeros((1, hc, wc), dtype=torch.bool, device=ids.device)
         cell_mask[:, hc - tile_cells:] = True  # the query's label tokens are all masked
         model.eval()
-        out = model(stacked, SemanticInput(ids, cell_mask), geo=False)
+        out = model(stacked, SemanticInput(ids, cell_mask, panels=len(tiles)), geo=False)
         logits = model.semantic_logits(out, out_size=tuple(ids.shape[-2:]))[0]
         q = logits[:, -lab_h:].float().softmax(0)  # the query rows
         cls = q[table]  # (num_classes, H, W)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import DemoConfig, generate
+from pipeline.ingest import LOCAL_RAY_SYSTEM_CONFIG
 
 pytest_plugins = ["tests.pgstac_fixture"]
 
@@ -25,7 +26,8 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     yield
     ray.shutdown()
 
