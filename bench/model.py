@@ -48,9 +48,16 @@ Parameter breakdown (no compute: ``huge`` built on the meta device), printed las
 the presets, with ``--param-breakdown``, and always on CPU: parameters per top-level submodule, the geo
 prototype bank buffer, totals with and without the bank, and the paper's 2.06e9 for comparison.
 
+FLOPs per 10 m output pixel (``--per-pixel``): for each preset, one inference forward (eval, batch 1, every
+date valid, the ``--grid`` window, default 16 = one block of the bounded HR global attention, the official input)
+per modality mix (HR+S2+S1 and S2+S1 only) under the same FlopCounterMode, divided by the window's pixels, with
+the FLOPs per top-level module. ``km2_per_gpu_hour`` turns that into area: ``--utilisation`` (default 0.4, ours)
+of an H100's dense bf16 peak (989e12 FLOP/s) / FLOPs per pixel x 3600 s / 1e4 pixels per km^2. Window overlaps
+and the margin around tiles add to this (``bench/infer.py`` measures them); the mosaic and I/O are not in it.
+
     python bench/model.py [--presets tiny small base] [--batch N] [--grid G] [--t-s2 T] [--t-s1 T] [--t-hr T]
                           [--iters N] [--warmup N] [--device cpu|cuda] [--dtype fp32|bf16] [--threads N]
-                          [--grad-checkpointing] [--param-breakdown]
+                          [--grad-checkpointing] [--param-breakdown] [--per-pixel [--utilisation U]]
 
 ``huge`` on CUDA runs without activation checkpointing unless ``--grad-checkpointing``
 (``model.set_grad_checkpointing(True)``, forward_backward only). ``huge`` on CPU is possible but slow (minutes
@@ -294,6 +301,54 @@ def worker(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- per pixel
+
+MIXES = {"hr+s2+s1": ("hr", "s2", "s1"), "s2+s1": ("s2", "s1")}
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (bench/model.py's gpu_peak_bf16)
+PIXELS_PER_KM2 = 1e4  # 10 m pixels
+
+
+def per_pixel_worker(args) -> int:
+    """FLOPs of one 10 m output pixel for ``args.worker`` and every modality mix: one inference forward
+    (eval, batch 1, every date valid) under FlopCounterMode on a ``--grid`` window, divided by its pixels; with
+    the cost model of the README (km^2 per GPU-hour at ``--utilisation`` of an H100's dense bf16 peak)."""
+    import torch
+
+    import skysense_core
+    from tests.model_inputs import make_batch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = args.worker
+    torch.manual_seed(0)
+    model = skysense_core.build_model(preset).eval()
+    cfg = model.cfg
+    times = {"hr": args.t_hr, "s2": args.t_s2, "s1": args.t_s1}
+    for mix, mods in MIXES.items():
+        x = make_batch(mods, batch=1, grid=args.grid, hr_ratio=cfg.hr_ratio, seed=0, times=times, lat=[45.0],
+                       lon=[9.0])
+        log(f"{preset} {mix}: one forward on a {args.grid} px window under FlopCounterMode")
+        counter = flop_counter()
+        t0 = time.perf_counter()
+        with torch.inference_mode(), counter:
+            model(x)
+        seconds = time.perf_counter() - t0
+        px = args.grid**2
+        flops = counter.get_total_flops() / px
+        by_module = {k: round(v / px) for k, v in flops_by_module(counter, type(model).__name__).items() if v}
+        km2_h = args.utilisation * H100_BF16_PEAK / flops * 3600 / PIXELS_PER_KM2
+        print(json.dumps({
+            "bench": "model", "kind": "flops_per_pixel", "preset": preset, "mix": mix, "grid": args.grid,
+            "hr_side": args.grid * cfg.hr_ratio if "hr" in mods else None,
+            "dates": {m: times[m] for m in mods}, "hr_global_attn_block": cfg.hr_global_attn_block,
+            "flops_per_px": round(flops), "gflops_per_px": round(flops / 1e9, 4), "flops_by_module": by_module,
+            "gpu_model": "H100 SXM bf16 dense peak", "peak_flops": H100_BF16_PEAK,
+            "utilisation": args.utilisation, "km2_per_gpu_hour": round(km2_h, 1),
+            "cpu_seconds_of_this_forward": round(seconds, 2),
+        }), flush=True)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- parent
 
 
@@ -334,6 +389,8 @@ def run_worker(args, preset: str, mode: str) -> int:
            "--warmup", str(args.warmup), "--batch", str(args.batch or default_batch(preset, args.device))]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if mode == "per_pixel":
+        cmd += ["--utilisation", str(args.utilisation)]
     if args.grad_checkpointing:
         cmd.append("--grad-checkpointing")
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)  # stderr (progress) passes through
@@ -362,14 +419,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in training")
     p.add_argument("--param-breakdown", action="store_true", help="print the huge parameter breakdown")
+    p.add_argument("--per-pixel", action="store_true",
+                   help="only FLOPs per 10 m output pixel per preset and modality mix, and km^2/GPU-hour")
+    p.add_argument("--utilisation", type=float, default=0.4,
+                   help="--per-pixel: fraction of the GPU's dense bf16 peak assumed for km^2/GPU-hour")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--worker-mode", choices=[*MODES, "per_pixel"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.iters < 1:
         p.error("--iters must be at least 1")
     if args.worker:
-        return worker(args)
+        return per_pixel_worker(args) if args.worker_mode == "per_pixel" else worker(args)
 
     from skysense_core.config import PRESETS
 
@@ -378,8 +439,10 @@ def main(argv=None) -> int:
         p.error(f"unknown presets {unknown}; known: {sorted(PRESETS)}")
     status = 0
     for preset in args.presets:
-        for mode in MODES:
+        for mode in ("per_pixel",) if args.per_pixel else MODES:
             status |= run_worker(args, preset, mode) != 0
+    if args.per_pixel:
+        return int(status)
     if args.param_breakdown or "huge" in args.presets or args.device == "cpu":
         print(json.dumps(param_breakdown("huge")), flush=True)
     return int(status)

@@ -74,10 +74,11 @@ def landcover_product(out: Path, cube: Path, encoder: Path, steps: int, cube_cfg
 
     product = out / "landcover.tif"
     print(f"\ninfer -> {product}")
-    # Windows of 32 px (the head's training window) overlapping by 4: 6 x 6 windows per tile sample of
-    # 128 + 2 x 16 px. Larger windows cost more per pixel (the HR global attention is quadratic in the window).
+    # The default window plan: for tiny one window per tile, the 128 px core and 8 px of context around it
+    # (pipeline.inference.PRESET_WINDOW, DEFAULT_MARGIN); the bounded HR global attention keeps the cost per pixel
+    # independent of the window.
     result = run_inference(InferenceConfig(cube=str(cube), checkpoint=str(head_dir), task="landcover",
-                                           out=str(product), overwrite=True, window=32, overlap=4))
+                                           out=str(product), overwrite=True))
     if not result.complete:
         print(f"inference left {len(result.failed)} tile(s) undone: {result.failed}")
         return None
@@ -88,8 +89,11 @@ def landcover_product(out: Path, cube: Path, encoder: Path, steps: int, cube_cfg
     with rasterio.open(product) as src:
         windows = [src.window(*parse_tile_id(t, cube_cfg.grid).core_bounds()) for t in held_out]
     held = score_product(product, truth, windows=windows)
-    print(f"  {product} ({result.seconds['total']:.0f} s), quicklook {result.quicklook.name}, "
-          f"STAC item {result.item.name}")
+    n_px = len(result.processed) * cube_cfg.grid.tile_px ** 2
+    rate = f", {result.seconds['pipeline'] / n_px * 1e3:.3f} ms per 10 m pixel" if n_px else " (tiles reused)"
+    print(f"  {product}: inference of {len(result.processed)} tiles {result.seconds['pipeline']:.1f} s{rate}, "
+          f"mosaic {result.seconds['mosaic']:.1f} s, total {result.seconds['total']:.0f} s; quicklook "
+          f"{result.quicklook.name}, STAC item {result.item.name}")
     print(f"  mIoU against the demo truth: {score.miou:.3f} over all {len(result.done)} tiles "
           f"(pixel accuracy {score.pixel_accuracy:.3f}), {held.miou:.3f} over the {len(held_out)} held-out tiles")
     return product

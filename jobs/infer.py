@@ -1,7 +1,7 @@
 """Predict a cube with a SkySense model on Ray and mosaic the tiles into one Cloud-Optimized GeoTIFF.
 
     python jobs/infer.py --cube CUBE --checkpoint CKPT --task landcover|fewshot|embeddings --out OUT.tif
-                         [--support TILES_AND_LABELS] [--window N] [--overlap N] [--batch-size N] [--gpu]
+                         [--support TILES_AND_LABELS] [--window N] [--overlap N] [--margin N] [--batch-size N] [--gpu]
                          [--crs EPSG] [--overwrite] [--allow-partial] [--name NAME] [--work-dir DIR]
                          [--ray-address ADDR] [--num-actors N]
     ray job submit --working-dir . -- python jobs/infer.py ...
@@ -45,10 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the product COG (.tif); OUT.png and OUT.json are written beside it")
     p.add_argument("--support", default=None, help=SUPPORT_HELP)
     p.add_argument("--window", type=int, default=None,
-                   help="window in S2 pixels (multiple of 4; default: the head's training window, else 32)")
+                   help="the largest window in S2 pixels (multiple of 4; default: per preset, tiny 256 i.e. a whole "
+                        "tile, huge 32; fewshot 32)")
     p.add_argument("--overlap", type=int, default=None,
-                   help="overlap of neighbouring windows in S2 px (default window / 4)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+                   help="overlap of neighbouring windows inside a tile in S2 px (default 4)")
+    p.add_argument("--margin", type=int, default=None,
+                   help="S2 px of context around each tile core that is predicted and dropped (default 8, at most "
+                        "the cube's halo)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (gathered across tiles)")
     p.add_argument("--gpu", action="store_true", help="one GPU per inference actor, bf16 autocast")
     p.add_argument("--crs", default=None,
                    help="CRS of the mosaic: an EPSG code (e.g. 3035) or any CRS string; default the AOI's UTM zone")
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     cfg = InferenceConfig(
         cube=a.cube, checkpoint=a.checkpoint, task=a.task, out=a.out, support=a.support, window=a.window,
-        overlap=a.overlap, batch_size=a.batch_size, gpu=a.gpu, crs=a.crs, overwrite=a.overwrite,
+        overlap=a.overlap, margin=a.margin, batch_size=a.batch_size, gpu=a.gpu, crs=a.crs, overwrite=a.overwrite,
         allow_partial=a.allow_partial, name=a.name, work_dir=a.work_dir, ray_address=a.ray_address,
         num_actors=a.num_actors, max_tiles=a.max_tiles, write_pids=a.write_pids,
     )

@@ -419,13 +419,15 @@ def read_cube(
     override_num_blocks: int | None = None,
     ray_remote_args: Mapping[str, Any] | None = None,
     progress_bars: bool = False,
+    concurrency: int | None = None,
     **datasource_kwargs,
 ) -> ray.data.Dataset:
     """``ray.data.read_datasource(CubeDatasource(cube, **datasource_kwargs))`` with fractional CPUs per read
     task (on small machines whole CPUs starve the training or inference stage: shared/research/ray.md).
 
     Ray Data's progress bars are off unless ``progress_bars``: the jobs log their own progress per step or
-    tile, and the bars (re-drawn per epoch and per consumer) bury it in job logs."""
+    tile, and the bars (re-drawn per epoch and per consumer) bury it in job logs. ``concurrency``: read tasks
+    at once at most (default: as many as the CPUs allow); each one running may hold its own worker process."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
     if IdleBackoff not in ctx.custom_execution_callback_classes:
@@ -437,6 +439,7 @@ def read_cube(
         memory=memory,
         override_num_blocks=override_num_blocks,
         ray_remote_args=dict(ray_remote_args) if ray_remote_args else None,
+        concurrency=concurrency,
     )
 
 

@@ -15,19 +15,28 @@ Tasks (``checkpoint`` is a fine-tune run directory or its ``head.safetensors``, 
 
 The data path (driver = :func:`run_inference`)::
 
-    read_cube(tiles=todo, window=None)   one row per tile sample WITH its halo, fractional CPUs, one tile per task
+    read_cube(tiles=todo, window=None)   one row per tile sample WITH its halo, fractional CPUs, one tile per task,
+                                         one read task per CPU actor at once (four per GPU actor)
       -> map_batches(TilePredictor)      actor pool (ActorPoolStrategy(min_size=1, max_size=N)); 1 GPU per actor
-                                         when --gpu (bf16 autocast on CUDA only); the model is loaded once per actor
-      -> map_batches(write_tile_outputs) the per-tile sink: the tile core as a GeoTIFF in the tile's UTM CRS,
-                                         temp file + os.replace; returns one small status row per tile
+                                         when --gpu (bf16 autocast on CUDA only); the model is loaded once per actor;
+                                         it writes each tile core as a GeoTIFF in the tile's UTM CRS (temp file +
+                                         os.replace: ``write_tile_outputs``) and returns one small status row per tile
       -> the driver iterates the status rows and appends them to the manifest log as they arrive
 
-Windows: ``window`` S2 px every ``window - overlap`` px inside the tile sample, the last window anchored to the
-edge (``pipeline.datasource.window_origins``); HR windows are ``hr_ratio`` times larger. Logits (probabilities
-for few-shot, features for embeddings) are accumulated with a 2-D Hann weight evaluated at half-pixel offsets,
-so it is never 0 and the outermost pixels of the sample are predicted too; only the core is written. Pixels
-where no modality has a usable pixel on any valid date (the model's own keep rule, HR pooled to the grid at
-half its pixels) are nodata. Normalisation happens inside the model (``skysense_core.inputs.normalise``).
+Windows (``PredictorSpec.windows``): they cover the tile core plus ``margin`` px of context on each side (within
+the halo), ``window`` px every ``window - overlap`` px, the last row and column cut short at the span's end, so
+no pixel is computed that is not needed: by default one window per tile on CPU for ``tiny``. HR windows are
+``hr_ratio`` times larger. Windows of the same shape are batched across the tiles of a call. Logits
+(probabilities for few-shot, features for embeddings) are accumulated with a 2-D Hann weight evaluated at
+half-pixel offsets, so it is never 0; only the core is written. Pixels where no modality has a usable pixel on
+any valid date (the model's own keep rule, HR pooled to the grid at half its pixels) are nodata. Normalisation
+happens inside the model (``skysense_core.inputs.normalise``).
+
+Why the writing happens in the actor, and not in a map stage or a ``ray.data.Datasink``: a Datasink reports to
+the driver only at the end of the write (``on_write_complete``), and the manifest must grow tile by tile so that
+a stopped job resumes where it stopped; a separate map stage costs a worker process and a transfer of every
+prediction for a few milliseconds of work per tile. Why the pipeline needs care on small machines: see
+``pipeline.ingest.LOCAL_RAY_SYSTEM_CONFIG`` (workers kept alive) and :func:`reader_concurrency`.
 
 Per-tile directory ``<work_dir>/<name>/`` (default ``<out dir>/<out stem>.tiles/``)::
 
@@ -39,14 +48,13 @@ Per-tile directory ``<work_dir>/<name>/`` (default ``<out dir>/<out stem>.tiles/
                            were written to it); folded into manifest.json at the end of every run
     pids/actor-<pid>.pid   test hook (``write_pids``)
 
-A re-run with the same fingerprint (task, encoder and head sha256, support, window, overlap, cube, precision)
+A re-run with the same fingerprint (task, encoder and head sha256, support, window, overlap, margin, cube,
+precision)
 skips every tile recorded done whose file exists; a different fingerprint starts the records over. A tile that
 fails (unreadable, missing from the cube, an exception in the model) is recorded with its reason and does not
 stop the others; the mosaic is made when every tile is done, or with ``allow_partial``.
 
-Why the sink is a map stage and not a ``ray.data.Datasink``: a Datasink reports to the driver only at the end of
-the write (``on_write_complete``), and the manifest must grow tile by tile so that a stopped job resumes where
-it stopped. Why read failures are dropped blocks (``DataContext.max_errored_blocks``) and not rows: the
+Why read failures are dropped blocks (``DataContext.max_errored_blocks``) and not rows: the
 datasource raises on a tile it cannot read; with one tile per read task that loses only that tile, and the
 driver re-reads the tiles that never arrived to record why.
 """
@@ -81,12 +89,21 @@ TASKS = ("landcover", "fewshot", "embeddings")
 MANIFEST = "manifest.json"
 MANIFEST_LOG = "manifest.log.jsonl"
 MANIFEST_FORMAT = "skysense-inference-manifest/1"
-DEFAULT_WINDOW = 32
+DEFAULT_WINDOW = 32  # few-shot, and presets not in PRESET_WINDOW
+# [ours] The default (largest) window per preset, S2 px: a whole tile with its margin for tiny on a laptop; for
+# the HR-ratio-32 presets 64 px = 2048 HR px (base, small) and 32 px = 1024 HR px (huge, the official few-shot
+# pair's height) keep one window's activations within a few GiB in bf16. With the bounded global attention the
+# cost per pixel hardly depends on the window, so the largest that fits memory wastes the least on overlaps.
+PRESET_WINDOW = {"tiny": 256, "small": 64, "base": 64, "huge": 32}
+DEFAULT_OVERLAP = 4  # [ours] S2 px shared by neighbouring windows inside a tile, blended with the Hann weight
+# [ours] S2 px of context predicted around the tile core (within the halo) and then dropped: a core pixel at the
+# tile edge sees this much of the neighbouring tile, so both sides of a tile border are predicted alike.
+DEFAULT_MARGIN = 8
 
 __all__ = [
     "InferenceConfig", "InferencePlan", "InferenceResult", "Manifest", "PredictorSpec", "SupportEntry",
     "SupportSet", "TASKS", "TilePredictor", "hann_window", "parse_support", "plan_inference", "read_tiles_local",
-    "run_inference", "valid_pixels", "window_plan", "write_tile_outputs",
+    "run_inference", "valid_pixels", "window_plan", "window_spans", "write_tile_outputs",
 ]
 
 
@@ -95,18 +112,55 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------------------------
 def window_plan(size: int, window: int, overlap: int) -> list[int]:
     """Window origins along one axis of a tile sample of ``size`` px: ``window`` px every ``window - overlap``
-    px, the last one anchored to the edge (``pipeline.datasource.window_origins``)."""
+    px, the last one anchored to the edge (``pipeline.datasource.window_origins``). Few-shot support windows
+    are picked from this plan."""
     if not 0 <= overlap < window:
         raise ValueError(f"overlap must be in [0, window), got overlap {overlap} for window {window}")
     return window_origins(size, window, window - overlap)
 
 
-def hann_window(n: int) -> np.ndarray:
-    """(n, n) float32 blending weight: the outer product of a Hann window evaluated at pixel centres,
-    ``sin(pi (i + 0.5) / n) ** 2``. Smooth, largest in the middle, and never 0 (smallest
+def window_spans(start: int, end: int, window: int, overlap: int, *, fixed: bool = False,
+                 size: int | None = None, multiple: int = 4) -> list[tuple[int, int]]:
+    """(origin, length) of the windows along one axis that cover ``[start, end)``: ``window`` px every
+    ``window - overlap`` px from ``start``. The last window is cut short at ``end`` (its length rounded up to
+    ``multiple``, the model's patch, by moving its origin back), so no pixel outside the span is computed; one
+    window covers a span no longer than ``window``. ``fixed``: every window is exactly ``window`` px (few-shot,
+    whose support windows have that size): the last is anchored to ``end``, and a span shorter than ``window``
+    gets one window centred on it and kept inside ``[0, size)``."""
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap must be in [0, window), got overlap {overlap} for window {window}")
+    if end <= start:
+        raise ValueError(f"empty span [{start}, {end})")
+    size = end if size is None else size
+
+    def rounded(n: int) -> int:
+        return -(-n // multiple) * multiple
+
+    if fixed:
+        if window > size:
+            raise ValueError(f"window {window} is larger than the tile sample ({size} px)")
+        if end - start <= window:
+            o = min(max(start - (window - (end - start)) // 2, 0), size - window)
+            return [(o, window)]
+        return [(start + o, window) for o in window_origins(end - start, window, window - overlap)]
+    spans, o = [], start
+    while True:
+        if end - o <= window:
+            n = min(rounded(end - o), size)
+            spans.append((min(o, size - n), n))
+            return spans
+        spans.append((o, window))
+        o += window - overlap
+
+
+def hann_window(n: int, m: int | None = None) -> np.ndarray:
+    """(n, m) float32 blending weight (m defaults to n): the outer product of Hann windows evaluated at pixel
+    centres, ``sin(pi (i + 0.5) / n) ** 2``. Smooth, largest in the middle, and never 0 (smallest
     ``sin(pi / 2n) ** 2`` at the border), so a pixel covered by one window only still gets its prediction."""
-    w = np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2
-    return np.outer(w, w).astype(np.float32)
+    def hann(k: int) -> np.ndarray:
+        return np.sin(np.pi * (np.arange(k) + 0.5) / k) ** 2
+
+    return np.outer(hann(n), hann(n if m is None else m)).astype(np.float32)
 
 
 def valid_pixels(row: Mapping[str, np.ndarray], modalities: Sequence[str], hr_ratio: int) -> np.ndarray:
@@ -128,17 +182,19 @@ def valid_pixels(row: Mapping[str, np.ndarray], modalities: Sequence[str], hr_ra
     return out
 
 
-def window_batch(row: Mapping[str, np.ndarray], origins: Sequence[tuple[int, int]], w: int, hr_ratio: int,
-                  modalities: Sequence[str]) -> dict[str, np.ndarray]:
+def window_batch(row: Mapping[str, np.ndarray], origins: Sequence[tuple[int, int]], w: int | tuple[int, int],
+                 hr_ratio: int, modalities: Sequence[str]) -> dict[str, np.ndarray]:
     """The columns of the cube's row schema (``pipeline.datasource``) for windows of one tile sample row:
-    (B, ...) with B = len(origins), each ``w`` S2 px (``w * hr_ratio`` HR px) at (y0, x0)."""
+    (B, ...) with B = len(origins), each ``w`` S2 px square, or (height, width) (``hr_ratio`` times that in HR
+    px), at (y0, x0)."""
     n = len(origins)
+    wh, ww = (w, w) if isinstance(w, int) else w
     out: dict[str, np.ndarray] = {}
     for m in modalities:
         k = hr_ratio if m == "hr" else 1
         data, mask = np.asarray(row[m]), np.asarray(row[f"{m}_mask"])
-        out[m] = np.stack([data[:, :, y * k:(y + w) * k, x * k:(x + w) * k] for y, x in origins])
-        out[f"{m}_mask"] = np.stack([mask[:, y * k:(y + w) * k, x * k:(x + w) * k] for y, x in origins])
+        out[m] = np.stack([data[:, :, y * k:(y + wh) * k, x * k:(x + ww) * k] for y, x in origins])
+        out[f"{m}_mask"] = np.stack([mask[:, y * k:(y + wh) * k, x * k:(x + ww) * k] for y, x in origins])
         for c in ("valid", "doy"):
             v = np.asarray(row[f"{m}_{c}"])
             out[f"{m}_{c}"] = np.broadcast_to(v, (n, *v.shape)).copy()
@@ -286,12 +342,13 @@ class PredictorSpec:
     """Everything a :class:`TilePredictor` needs (small and picklable, shipped to every actor).
 
     task: one of :data:`TASKS`. encoder: encoder checkpoint path; head: ``head.safetensors`` (landcover).
-    window / overlap: S2 px. batch_size: windows per forward (landcover, embeddings; few-shot runs one query
-    window per forward, stacked under the support). size / core: tile sample side and the core's (start, length)
-    in S2 px. modalities: those read and fed to the model. gpu: CUDA + bf16 autocast. threads: torch intra-op
-    threads (None: leave as is). support: few-shot support. seed: few-shot label-id draw, reset per window so
-    that a tile's result does not depend on what the actor did before. pid_dir: test hook, each actor writes
-    ``actor-<pid>.pid`` there, and ``busy-<pid>`` while it works on a batch."""
+    window / overlap: S2 px (:meth:`windows`). batch_size: windows per forward, gathered across the tiles of a
+    call (landcover, embeddings; few-shot runs one query window per forward, stacked under the support).
+    size / core: tile sample side and the core's (start, length) in S2 px. margin: S2 px around the core that
+    the windows cover too (context, then dropped). modalities: those read and fed to the model. gpu: CUDA + bf16
+    autocast. threads: torch intra-op threads (None: leave as is). support: few-shot support. seed: few-shot
+    label-id draw, reset per window so that a tile's result does not depend on what the actor did before.
+    pid_dir: test hook, each actor writes ``actor-<pid>.pid`` there, and ``busy-<pid>`` while it works."""
 
     task: str
     encoder: str
@@ -309,6 +366,17 @@ class PredictorSpec:
     support: SupportSet | None = None
     seed: int = 0
     pid_dir: str | None = None
+    margin: int = 0
+
+    def windows(self) -> list[tuple[int, int, int, int]]:
+        """The windows (y0, x0, height, width) in S2 px of the tile sample that one tile is predicted from: they
+        cover the core plus ``margin`` (within the sample) and nothing else, ``window`` px each with ``overlap`` px
+        shared by neighbours, the last row and column cut short at the span's end (:func:`window_spans`).
+        Few-shot windows are all ``window`` px square (the support's size)."""
+        c0, n = self.core
+        a, b = max(c0 - self.margin, 0), min(c0 + n + self.margin, self.size)
+        spans = window_spans(a, b, self.window, self.overlap, fixed=self.task == "fewshot", size=self.size)
+        return [(y, x, hy, wx) for y, hy in spans for x, wx in spans]
 
 
 class TilePredictor:
@@ -320,17 +388,21 @@ class TilePredictor:
         for batch in read_tiles_local(cube, tiles, modalities=spec.modalities):
             core = p.predict({k: v[0] for k, v in batch.items()})    # (bands, tile_px, tile_px)
 
-    As the Ray Data actor class: ``ds.map_batches(TilePredictor, fn_constructor_kwargs={"spec": spec}, ...)``;
-    ``__call__`` never raises for a bad tile: it returns the tile with status ``failed`` and the reason.
+    As the Ray Data actor class: ``ds.map_batches(TilePredictor, fn_constructor_kwargs={"spec": spec,
+    "sink": {...}}, ...)``; ``__call__`` never raises for a bad tile: it returns the tile with status ``failed``
+    and the reason. With ``sink`` (the keyword arguments of :func:`write_tile_outputs` but the batch) the actor
+    writes each tile's GeoTIFF itself and returns the status rows only: no write stage, no worker process for it
+    and no transfer of the prediction.
     """
 
-    def __init__(self, spec: PredictorSpec):
+    def __init__(self, spec: PredictorSpec, sink: Mapping[str, Any] | None = None):
         import torch
 
         from pipeline.finetune import load_head
         from skysense_core.checkpoint import load_checkpoint
 
         self.spec = spec
+        self.sink = dict(sink) if sink is not None else None
         if spec.pid_dir:
             Path(spec.pid_dir).mkdir(parents=True, exist_ok=True)
             (Path(spec.pid_dir) / f"actor-{os.getpid()}.pid").write_text(str(os.getpid()))
@@ -373,38 +445,57 @@ class TilePredictor:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    # -- one tile -------------------------------------------------------------------------------------------------
+    # -- tiles ----------------------------------------------------------------------------------------------------
     def predict(self, row: Mapping[str, np.ndarray]) -> np.ndarray:
         """One tile sample row (the datasource's schema, one tile, no batch axis) -> its core prediction
         (bands, n, n), n = tile_px: uint8 class ids with nodata 255, or float32 features with nodata NaN."""
+        return self.predict_rows([row])[0]
+
+    def predict_rows(self, rows: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+        """Several tile sample rows -> their core predictions (:meth:`predict`). Windows of the same shape are
+        batched across the tiles (``batch_size`` per forward); each window's values are accumulated with a Hann
+        weight, then divided by the accumulated weight."""
         import torch
 
         s = self.spec
-        starts = window_plan(s.size, s.window, s.overlap)
-        origins = [(y, x) for y in starts for x in starts]
-        acc = None
-        wsum = torch.zeros((s.size, s.size), dtype=torch.float32, device=self.device)
-        step = 1 if s.task == "fewshot" else s.batch_size
-        with torch.no_grad():
-            for i in range(0, len(origins), step):
-                part = origins[i:i + step]
-                x, _ = rows_to_input(window_batch(row, part, s.window, s.hr_ratio, s.modalities), s.modalities)
-                vals = self._window_values(x.to(self.device))  # (B, C, w, w) float32
-                if acc is None:
-                    acc = torch.zeros((vals.shape[1], s.size, s.size), dtype=torch.float32, device=self.device)
-                for (y, x0), v in zip(part, vals, strict=True):
-                    acc[:, y:y + s.window, x0:x0 + s.window] += v * self.weight
-                    wsum[y:y + s.window, x0:x0 + s.window] += self.weight
+        plan = s.windows()
         c0, n = s.core
-        blended = (acc[:, c0:c0 + n, c0:c0 + n] / wsum[c0:c0 + n, c0:c0 + n]).cpu().numpy()
-        valid = valid_pixels(row, s.modalities, s.hr_ratio)[c0:c0 + n, c0:c0 + n]
-        if s.task == "embeddings":
-            out = blended.astype(np.float32)
-            out[:, ~valid] = np.nan
-            return out
-        cls = blended.argmax(0).astype(np.uint8)
-        cls[~valid] = NODATA
-        return cls[None]
+        wsum = np.zeros((s.size, s.size), np.float32)
+        for y, x, h, w in plan:
+            wsum[y:y + h, x:x + w] += hann_window(h, w)
+        by_shape: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for r in range(len(rows)):
+            for y, x, h, w in plan:
+                by_shape.setdefault((h, w), []).append((r, y, x))
+        acc: list[Any] = [None] * len(rows)
+        step = 1 if s.task == "fewshot" else s.batch_size
+        with torch.inference_mode():
+            for (h, w), items in by_shape.items():
+                weight = torch.from_numpy(hann_window(h, w)).to(self.device)
+                for i in range(0, len(items), step):
+                    part = items[i:i + step]
+                    cols = [window_batch(rows[r], [(y, x)], (h, w), s.hr_ratio, s.modalities) for r, y, x in part]
+                    batch = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+                    x_in, _ = rows_to_input(batch, s.modalities)
+                    vals = self._window_values(x_in.to(self.device))  # (B, C, h, w) float32
+                    for (r, y, x0), v in zip(part, vals, strict=True):
+                        if acc[r] is None:
+                            acc[r] = torch.zeros((v.shape[0], s.size, s.size), dtype=torch.float32, device=self.device)
+                        acc[r][:, y:y + h, x0:x0 + w] += v * weight
+        norm = torch.from_numpy(wsum[c0:c0 + n, c0:c0 + n]).to(self.device)
+        out = []
+        for r, row in enumerate(rows):
+            blended = (acc[r][:, c0:c0 + n, c0:c0 + n] / norm).cpu().numpy()
+            valid = valid_pixels(row, s.modalities, s.hr_ratio)[c0:c0 + n, c0:c0 + n]
+            if s.task == "embeddings":
+                blended = blended.astype(np.float32)
+                blended[:, ~valid] = np.nan
+                out.append(blended)
+            else:
+                cls = blended.argmax(0).astype(np.uint8)
+                cls[~valid] = NODATA
+                out.append(cls[None])
+        return out
 
     def _window_values(self, x) -> Any:
         """(B, C, w, w) float32 for a batch of windows: class logits (landcover), class probabilities (fewshot),
@@ -421,7 +512,7 @@ class TilePredictor:
                 _, probs = few_shot_segment(self.model, self.support_inputs, self.support_labels, x,
                                             s.support.num_classes, generator=g, mode="stack")
                 probs = probs.float()[None]
-                if probs.shape[-1] != s.window:  # HR-resolution probabilities -> the 10 m grid
+                if probs.shape[-1] != x.grid_size(s.hr_ratio)[1]:  # HR-resolution probabilities -> the 10 m grid
                     probs = F.avg_pool2d(probs, s.hr_ratio)
                 return probs
             fused = self.model(x).fused
@@ -440,32 +531,39 @@ class TilePredictor:
         busy = Path(self.spec.pid_dir) / f"busy-{os.getpid()}" if self.spec.pid_dir else None
         if busy is not None:  # test hook: this actor is inside a task (a kill now interrupts a tile)
             busy.write_text(" ".join(ids))
-        for i, tile_id in enumerate(ids):
-            t0 = time.perf_counter()
-            status, reason = "done", ""
+        t0 = time.perf_counter()
+        preds: dict[int, np.ndarray] = {}
+        reasons: dict[int, str] = {}
+        readable = []
+        for i in range(len(ids)):
             if errors is not None and str(errors[i]):
-                status, reason = "failed", f"read failed: {errors[i]}"
-                pred = None
+                reasons[i] = f"read failed: {errors[i]}"
             else:
+                readable.append(i)
+        try:  # the tiles' windows batched together ...
+            preds.update(zip(readable, self.predict_rows([{k: v[i] for k, v in batch.items()} for i in readable]),
+                             strict=True))
+        except Exception:  # ... and if that fails, one by one: one bad tile must not take its neighbours down
+            for i in readable:
                 try:
-                    pred = self.predict({k: v[i] for k, v in batch.items()})
-                except Exception as e:  # one bad tile must not take its neighbours down
-                    status, reason = "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
-                    pred = None
-            if pred is None:
-                fill = np.nan if self.out_dtype.kind == "f" else NODATA
-                pred = np.full((self.out_bands, n, n), fill, self.out_dtype)
+                    preds[i] = self.predict({k: v[i] for k, v in batch.items()})
+                except Exception as e:
+                    reasons[i] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+        seconds = (time.perf_counter() - t0) / max(len(ids), 1)
+        fill = np.nan if self.out_dtype.kind == "f" else NODATA
+        for i, tile_id in enumerate(ids):
             out["tile_id"].append(tile_id)
-            out["status"].append(status)
-            out["reason"].append(reason)
-            out["seconds"].append(time.perf_counter() - t0)
+            out["status"].append("done" if i in preds else "failed")
+            out["reason"].append(reasons.get(i, ""))
+            out["seconds"].append(seconds)
             out["worker"].append(os.getpid())
-            out["pred"].append(pred)
+            out["pred"].append(preds.get(i, np.full((self.out_bands, n, n), fill, self.out_dtype)))
         if busy is not None:
             busy.unlink(missing_ok=True)
-        return {"tile_id": np.array(out["tile_id"]), "status": np.array(out["status"]),
+        rows = {"tile_id": np.array(out["tile_id"]), "status": np.array(out["status"]),
                 "reason": np.array(out["reason"]), "seconds": np.array(out["seconds"], np.float64),
                 "worker": np.array(out["worker"], np.int64), "pred": np.stack(out["pred"])}
+        return rows if self.sink is None else write_tile_outputs(rows, **self.sink)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -618,21 +716,26 @@ class InferenceConfig:
     cube [--cube]; checkpoint [--checkpoint]: a fine-tune run directory / ``head.safetensors`` (landcover; it
     names its encoder), or an encoder checkpoint (fewshot, embeddings); task [--task]; out [--out]: the product
     COG (``.tif``), next to it ``<stem>.png`` (quicklook) and ``<stem>.json`` (STAC item); support [--support]
-    (fewshot, :func:`parse_support`); window [--window] S2 px (default: the head's training window, else 32,
-    at most the tile sample); overlap [--overlap] px (default window // 4); batch_size [--batch-size] windows per
-    forward; gpu [--gpu]: one GPU per actor, bf16 autocast; crs [--crs]: mosaic CRS (EPSG code or any
-    rasterio CRS string; default the UTM zone of the AOI's centre); overwrite [--overwrite]: replace an existing
-    product (tiles done earlier with the same settings are reused); allow_partial [--allow-partial]: make the
-    product even when tiles failed (they are nodata); name / work_dir [--name, --work-dir]: the per-tile
+    (fewshot, :func:`parse_support`); window [--window] the largest window, S2 px (default
+    :data:`PRESET_WINDOW` of the encoder's preset, 32 for few-shot; at most the tile sample); overlap [--overlap]
+    px shared by neighbouring windows (default :data:`DEFAULT_OVERLAP`); margin [--margin] px of context around
+    the tile core that the windows cover (default :data:`DEFAULT_MARGIN`, at most the cube's halo); batch_size
+    [--batch-size] windows per forward; gpu [--gpu]: one GPU per actor, bf16 autocast; crs [--crs]: mosaic CRS
+    (EPSG code or any rasterio CRS string; default the UTM zone of the AOI's centre); overwrite [--overwrite]:
+    replace an existing product (tiles done earlier with the same settings are reused); allow_partial
+    [--allow-partial]: make the product even when tiles failed (they are nodata); name / work_dir [--name,
+    --work-dir]: the per-tile
     directory ``work_dir/name`` (default ``<out dir>/<out stem>.tiles``); ray_address [--ray-address];
     num_actors [--num-actors] (default: the GPUs with --gpu, else one per 8 CPUs, at least 1).
 
     Library only: tiles (a subset of the cube's tiles; default all planned tiles), cpus_per_actor (default 1
-    with --gpu, else the cluster's CPUs less the read/write stages' share, split over the actors), threads
-    (torch threads per actor; default its CPUs, rounded), read_cpus / write_cpus (Ray CPUs of a read / write
-    task), seed (few-shot label ids), max_tiles (test hook: stop after this many tiles, before the mosaic),
-    write_pids (test hook: actors write their pids to ``<tile dir>/pids``), make_product (False: predict the tiles
-    and stop; the caller mosaics them with others, as ``pipeline.refresh`` does)."""
+    with --gpu, else the cluster's CPUs less the read stage's share, split over the actors), threads (torch
+    threads per actor; default its CPUs, rounded), read_cpus (Ray CPUs of a read task), read_concurrency (read
+    tasks at once; default :func:`reader_concurrency`), tiles_per_call (tiles an actor gets per call, their
+    windows batched together; default :func:`tiles_per_call`), seed (few-shot label ids), max_tiles (test hook:
+    stop after this many tiles, before the mosaic), write_pids (test hook: actors write their pids to
+    ``<tile dir>/pids``), make_product (False: predict the tiles and stop; the caller mosaics them with others,
+    as ``pipeline.refresh`` does)."""
 
     cube: str
     checkpoint: str
@@ -641,6 +744,7 @@ class InferenceConfig:
     support: str | None = None
     window: int | None = None
     overlap: int | None = None
+    margin: int | None = None
     batch_size: int = 4
     gpu: bool = False
     crs: str | int | None = None
@@ -654,7 +758,8 @@ class InferenceConfig:
     cpus_per_actor: float | None = None
     threads: int | None = None
     read_cpus: float = 0.25
-    write_cpus: float = 0.25
+    read_concurrency: int | None = None
+    tiles_per_call: int | None = None
     seed: int = 0
     max_tiles: int | None = None
     write_pids: bool = False
@@ -798,10 +903,15 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
             raise ValueError(f"the encoder {encoder} changed since the head {head.path} was trained on it "
                              f"(sha256 {sha[:12]}..., the head records {head.encoder_sha256[:12]}...)")
 
-    window = cfg.window or (head.window if head and head.window else DEFAULT_WINDOW)
     if cfg.window is None:
+        window = DEFAULT_WINDOW if cfg.task == "fewshot" else PRESET_WINDOW.get(mcfg.name, DEFAULT_WINDOW)
         window = min(window, size // 4 * 4)
-    overlap = window // 4 if cfg.overlap is None else cfg.overlap
+    else:
+        window = cfg.window
+    overlap = (DEFAULT_OVERLAP if window >= 2 * DEFAULT_OVERLAP else 0) if cfg.overlap is None else cfg.overlap
+    margin = min(DEFAULT_MARGIN, halo) if cfg.margin is None else cfg.margin
+    if not 0 <= margin <= halo:
+        raise ValueError(f"--margin must be between 0 and the cube's halo ({halo} px), got {margin}")
     if window < 4 or window % mcfg.vit_patch_size or window > size:
         raise ValueError(f"--window must be a multiple of {mcfg.vit_patch_size} between {mcfg.vit_patch_size} and "
                          f"the tile sample side {size} (tile {tile_px} + 2 x halo {halo}), got {window}")
@@ -886,12 +996,13 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         task=cfg.task, encoder=encoder, head=head.path if head else None, window=window, overlap=overlap,
         batch_size=cfg.batch_size, size=size, core=(halo, tile_px), hr_ratio=ccfg.hr_ratio, modalities=tuple(mods),
         num_classes=num_classes, gpu=cfg.gpu, threads=cfg.threads, support=support, seed=cfg.seed,
-        pid_dir=str(tile_dir / "pids") if cfg.write_pids else None,
+        pid_dir=str(tile_dir / "pids") if cfg.write_pids else None, margin=margin,
     )
     fingerprint = {
         "task": cfg.task, "cube": cube, "encoder_sha256": sha,
         "head_sha256": file_sha256(head.path) if head else None,
         "support": support.digest() if support is not None else None, "window": window, "overlap": overlap,
+        "margin": margin,
         "precision": "bf16" if cfg.gpu else "fp32", "seed": cfg.seed if cfg.task == "fewshot" else None,
     }
     return InferencePlan(
@@ -910,7 +1021,8 @@ class InferenceResult:
     """What a run did. ``complete``: every tile done (the product was made); ``out`` / ``quicklook`` / ``item``:
     the product files, None when no product was made (failed tiles without ``allow_partial``, or stopped by
     ``max_tiles``). ``processed``: tiles this run predicted (done or failed in the model); ``skipped``: tiles
-    done by an earlier run. ``seconds``: ``plan``, ``pipeline`` (Ray Data, first row to last), ``mosaic``,
+    done by an earlier run. ``seconds``: ``plan``, ``pipeline`` (Ray Data, from its start to the last tile:
+    actor start-up and model loading included), ``first_tile`` (from its start to the first tile), ``mosaic``,
     ``total``. ``pixels_per_s``: core pixels of the tiles this run predicted / pipeline seconds."""
 
     tile_dir: Path
@@ -949,10 +1061,26 @@ def actor_resources(cfg: InferenceConfig) -> tuple[int, float, int]:
         per = cfg.cpus_per_actor or 1.0
     else:
         n = cfg.num_actors or max(1, int(cpus // 8))
-        # leave the read and write stages their share, or they starve behind the actors on small machines
-        per = cfg.cpus_per_actor or max(0.5, (cpus - cfg.read_cpus - cfg.write_cpus) / n)
+        # leave the read stage its share, or it starves behind the actors on small machines
+        per = cfg.cpus_per_actor or max(0.5, (cpus - cfg.read_cpus) / n)
     threads = cfg.threads or max(1, round(per))
     return n, per, threads
+
+
+def tiles_per_call(cfg: InferenceConfig) -> int:
+    """Tiles an actor gets per call (their same-shaped windows share forwards): 1 on CPU, where a tile's windows
+    fill a forward and larger batches only leave the cache; 4 on a GPU."""
+    return cfg.tiles_per_call or (4 if cfg.gpu else 1)
+
+
+def reader_concurrency(cfg: InferenceConfig, n_actors: int) -> int:
+    """Read tasks at once at most. Each running task may hold a worker process of its own, and on a small machine
+    starting workers is where the CPU goes (~1.5 CPU-s each). Reading a tile costs ~0.3 CPU-s and the model on CPU
+    ~3 CPU-s, so one reader per CPU actor keeps it fed; a GPU predicts a tile in a fraction of the read time, so
+    it gets four."""
+    if cfg.read_concurrency is not None:
+        return cfg.read_concurrency
+    return (4 if cfg.gpu else 1) * n_actors
 
 
 def _input_items(cube: str, tiles: Sequence[str]) -> list[str]:
@@ -1030,6 +1158,7 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
     processed: list[str] = []
     stopped = False
     t_pipe = 0.0
+    t_first: float | None = None
     if todo and not (cfg.max_tiles is not None and cfg.max_tiles <= 0):
         init_ray(cfg.ray_address)
         n_actors, per, threads = actor_resources(cfg)
@@ -1039,29 +1168,29 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
         ctx.max_errored_blocks = -1  # a tile that cannot be read loses only itself (one tile per read task)
         try:
             ds = read_cube(plan.fingerprint["cube"], tiles=todo, modalities=list(spec.modalities),
-                           num_cpus=cfg.read_cpus, override_num_blocks=len(todo))
+                           num_cpus=cfg.read_cpus, override_num_blocks=len(todo),
+                           concurrency=reader_concurrency(cfg, n_actors))
             # A killed actor is replaced and its tile retried, but not forever: a tile that kills every actor
             # (host OOM, a crash in a library) fails after 3 retries instead of looping. Ray 2.60 has no named
             # parameter for max_task_retries, only the deprecated ray_remote_args.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+                tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256}
+                sink = {"tile_dir": str(plan.tile_dir), "cube": plan.fingerprint["cube"], "nodata": plan.nodata,
+                        "colormap": plan.colormap or None, "band_names": plan.band_names, "tags": tags}
                 ds = ds.map_batches(
-                    TilePredictor, fn_constructor_kwargs={"spec": spec}, batch_size=1, batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), num_cpus=per,
-                    num_gpus=1 if cfg.gpu else None, max_restarts=-1, max_task_retries=3,
+                    TilePredictor, fn_constructor_kwargs={"spec": spec, "sink": sink}, batch_size=tiles_per_call(cfg),
+                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
+                    num_cpus=per, num_gpus=1 if cfg.gpu else None, max_restarts=-1, max_task_retries=3,
                 )
-            tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256}
-            ds = ds.map_batches(
-                write_tile_outputs, batch_size=1, batch_format="numpy", num_cpus=cfg.write_cpus,
-                fn_kwargs={"tile_dir": str(plan.tile_dir), "cube": plan.fingerprint["cube"], "nodata": plan.nodata,
-                           "colormap": plan.colormap or None, "band_names": plan.band_names, "tags": tags},
-            )
             say(f"[infer] {n_actors} actor(s) x {per:g} CPU{' + 1 GPU' if cfg.gpu else ''}, {threads} torch "
                 f"thread(s) each")
             t0 = time.perf_counter()
             it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
             try:
                 for batch in it:
+                    if t_first is None:
+                        t_first = time.perf_counter() - t0
                     for i, tile_id in enumerate(str(t) for t in batch["tile_id"]):
                         rec = {"status": str(batch["status"][i]), "seconds": round(float(batch["seconds"][i]), 3),
                                "worker": int(batch["worker"][i])}
@@ -1118,11 +1247,18 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
     n_core = spec.core[1] ** 2
     predicted = [t for t in processed if t in done_now]
     result.seconds = {"plan": t_plan, "pipeline": t_pipe, "mosaic": t_mosaic, "total": time.perf_counter() - t_start}
+    if t_first is not None:
+        result.seconds["first_tile"] = t_first
     result.pixels_per_s = len(predicted) * n_core / t_pipe if t_pipe > 0 and predicted else None
     return result
 
 
 def windows_per_tile(plan: InferencePlan) -> int:
-    """How many windows one tile sample is cut into."""
-    n = len(window_plan(plan.spec.size, plan.spec.window, plan.spec.overlap))
-    return n * n
+    """How many windows one tile is predicted from."""
+    return len(plan.spec.windows())
+
+
+def computed_pixels_per_tile(spec: PredictorSpec) -> int:
+    """S2 px the model computes for one tile (the windows' areas): over the core's ``tile_px ** 2``, the price
+    of the margin and the overlaps."""
+    return sum(h * w for _, _, h, w in spec.windows())

@@ -113,6 +113,15 @@ def resolve_ray_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
+# A local Ray started by a job lives as long as the job, on a machine that may have 2 cores. By default the raylet
+# kills a worker idle for 1 s beyond a soft limit of one per CPU and prestarts one per CPU for the first driver;
+# each (re)start imports Ray Data, pyarrow and pandas, ~1.5 CPU-s. A pipeline whose read or write stage runs a
+# few milliseconds per tile between longer model steps then restarts its workers over and over: 12 tiles of
+# inference on 2 cores spent 10 CPU-s on it, a third of the run (bench/infer.py). Kept alive, the workers start
+# once.
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000, "prestart_worker_first_driver": False}
+
+
 def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     """Connect to (or start) Ray once per process. ``log_to_driver=False``: the workers' output stays in
     their log files instead of this process's stdout (benchmarks that print JSON lines)."""
@@ -121,7 +130,7 @@ def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     addr = resolve_ray_address(address)
-    extra = {"include_dashboard": False} if addr == "local" else {}
+    extra = {"include_dashboard": False, "_system_config": LOCAL_RAY_SYSTEM_CONFIG} if addr == "local" else {}
     ray.init(address=addr, log_to_driver=log_to_driver, logging_level=logging.WARNING, **extra)
 
 
