@@ -411,6 +411,15 @@ class IdleBackoff(ExecutionCallback):
         self._last = sig
 
 
+def quiet_data_context(progress_bars: bool = False) -> None:
+    """Ray Data's progress bars off (unless ``progress_bars``) and :class:`IdleBackoff` installed, in this
+    process's current DataContext: what every pipeline over the cube wants on a small machine."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars
+    if IdleBackoff not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(IdleBackoff)
+
+
 def read_cube(
     cube: str | Path,
     *,
@@ -428,10 +437,7 @@ def read_cube(
     Ray Data's progress bars are off unless ``progress_bars``: the jobs log their own progress per step or
     tile, and the bars (re-drawn per epoch and per consumer) bury it in job logs. ``concurrency``: read tasks
     at once at most (default: as many as the CPUs allow); each one running may hold its own worker process."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress_bars
-    if IdleBackoff not in ctx.custom_execution_callback_classes:
-        ctx.custom_execution_callback_classes.append(IdleBackoff)
+    quiet_data_context(progress_bars)
     source = CubeDatasource(cube, **datasource_kwargs)
     return ray.data.read_datasource(
         source,

@@ -15,8 +15,9 @@ Tasks (``checkpoint`` is a fine-tune run directory or its ``head.safetensors``, 
 
 The data path (driver = :func:`run_inference`)::
 
-    read_cube(tiles=todo, window=None)   one row per tile sample WITH its halo, fractional CPUs, one tile per task,
-                                         one read task per CPU actor at once (four per GPU actor)
+    read_cube(tiles=todo, window=None)   with --gpu: one row per tile sample WITH its halo, fractional CPUs, one
+                                         tile per task, four read tasks per GPU actor at once; on CPU the tile ids
+                                         only, and the actor reads each tile itself (:func:`reads_in_actor`)
       -> map_batches(TilePredictor)      actor pool (ActorPoolStrategy(min_size=1, max_size=N)); 1 GPU per actor
                                          when --gpu (bf16 autocast on CUDA only); the model is loaded once per actor;
                                          it writes each tile core as a GeoTIFF in the tile's UTM CRS (temp file +
@@ -78,7 +79,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import zarr_cube
-from pipeline.datasource import MODALITIES, CubeDatasource, rows_to_input, window_origins
+from pipeline.datasource import MODALITIES, CubeDatasource, quiet_data_context, rows_to_input, window_origins
 from pipeline.grid import parse_tile_id, utm_epsg, utm_zone
 from pipeline.labels import NODATA
 
@@ -392,10 +393,11 @@ class TilePredictor:
     "sink": {...}}, ...)``; ``__call__`` never raises for a bad tile: it returns the tile with status ``failed``
     and the reason. With ``sink`` (the keyword arguments of :func:`write_tile_outputs` but the batch) the actor
     writes each tile's GeoTIFF itself and returns the status rows only: no write stage, no worker process for it
-    and no transfer of the prediction.
+    and no transfer of the prediction. With ``cube``, a batch may hold only ``tile_id``: the actor reads the
+    tiles itself (:func:`read_tiles_local`), between its forwards.
     """
 
-    def __init__(self, spec: PredictorSpec, sink: Mapping[str, Any] | None = None):
+    def __init__(self, spec: PredictorSpec, sink: Mapping[str, Any] | None = None, cube: str | None = None):
         import torch
 
         from pipeline.finetune import load_head
@@ -403,6 +405,7 @@ class TilePredictor:
 
         self.spec = spec
         self.sink = dict(sink) if sink is not None else None
+        self.cube = cube
         if spec.pid_dir:
             Path(spec.pid_dir).mkdir(parents=True, exist_ok=True)
             (Path(spec.pid_dir) / f"actor-{os.getpid()}.pid").write_text(str(os.getpid()))
@@ -520,12 +523,33 @@ class TilePredictor:
                 return fused.float()
             return self.head(fused).float()
 
+    def _read(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The tile sample rows of ``ids`` read from ``self.cube`` here, as a batch; a tile that cannot be read is
+        a row of zeros with its error in ``read_error`` (the predictor fails it alone)."""
+        rows, errors = [], []
+        for t in ids:
+            try:
+                rows.append(next(read_tiles_local(self.cube, [t], modalities=self.spec.modalities)))
+                errors.append("")
+            except Exception as e:
+                rows.append(None)
+                errors.append(f"{type(e).__name__}: {e}")
+        ref = next((r for r in rows if r is not None), None)
+        if ref is None:
+            return {"tile_id": np.asarray(ids), "read_error": np.asarray(errors)}
+        rows = [r if r is not None else {k: np.zeros_like(v) for k, v in ref.items()} for r in rows]
+        out = {k: np.concatenate([r[k] for r in rows]) for k in ref}
+        out["tile_id"], out["read_error"] = np.asarray(ids), np.asarray(errors)
+        return out
+
     # -- the Ray Data UDF -----------------------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch of tile rows -> one row per tile: ``tile_id``, ``status`` (``done`` / ``failed``), ``reason``,
         ``seconds``, ``worker`` (pid) and ``pred`` (bands, n, n) (all nodata for a failed tile)."""
         n = self.spec.core[1]
         ids = [str(t) for t in batch["tile_id"]]
+        if self.cube is not None and not any(m in batch for m in self.spec.modalities):
+            batch = self._read(ids)
         out: dict[str, list] = {"tile_id": [], "status": [], "reason": [], "seconds": [], "worker": [], "pred": []}
         errors = batch.get("read_error")
         busy = Path(self.spec.pid_dir) / f"busy-{os.getpid()}" if self.spec.pid_dir else None
@@ -732,7 +756,8 @@ class InferenceConfig:
     with --gpu, else the cluster's CPUs less the read stage's share, split over the actors), threads (torch
     threads per actor; default its CPUs, rounded), read_cpus (Ray CPUs of a read task), read_concurrency (read
     tasks at once; default :func:`reader_concurrency`), tiles_per_call (tiles an actor gets per call, their
-    windows batched together; default :func:`tiles_per_call`), seed (few-shot label ids), max_tiles (test hook:
+    windows batched together; default :func:`tiles_per_call`), read_in_actor (the actors read their tiles;
+    default :func:`reads_in_actor`), seed (few-shot label ids), max_tiles (test hook:
     stop after this many tiles, before the mosaic), write_pids (test hook: actors write their pids to
     ``<tile dir>/pids``), make_product (False: predict the tiles and stop; the caller mosaics them with others,
     as ``pipeline.refresh`` does)."""
@@ -760,6 +785,7 @@ class InferenceConfig:
     read_cpus: float = 0.25
     read_concurrency: int | None = None
     tiles_per_call: int | None = None
+    read_in_actor: bool | None = None
     seed: int = 0
     max_tiles: int | None = None
     write_pids: bool = False
@@ -1067,6 +1093,15 @@ def actor_resources(cfg: InferenceConfig) -> tuple[int, float, int]:
     return n, per, threads
 
 
+def reads_in_actor(cfg: InferenceConfig) -> bool:
+    """Whether the inference actors read their tiles themselves (default on CPU) instead of read tasks feeding
+    them (default with --gpu). On CPU the model's OpenMP threads fill every core, and a read task running beside
+    them (~0.3 CPU-s per tile) stalls both threads at every barrier: on 2 cores a tile took 1.85 s in the actor
+    against 1.2 s alone. Read first and then computed, it takes the read time plus the compute. A GPU would idle
+    through the reads, so there they stay in parallel tasks."""
+    return (not cfg.gpu) if cfg.read_in_actor is None else cfg.read_in_actor
+
+
 def tiles_per_call(cfg: InferenceConfig) -> int:
     """Tiles an actor gets per call (their same-shaped windows share forwards): 1 on CPU, where a tile's windows
     fill a forward and larger batches only leave the cache; 4 on a GPU."""
@@ -1167,9 +1202,14 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
         saved = ctx.max_errored_blocks
         ctx.max_errored_blocks = -1  # a tile that cannot be read loses only itself (one tile per read task)
         try:
-            ds = read_cube(plan.fingerprint["cube"], tiles=todo, modalities=list(spec.modalities),
-                           num_cpus=cfg.read_cpus, override_num_blocks=len(todo),
-                           concurrency=reader_concurrency(cfg, n_actors))
+            in_actor = reads_in_actor(cfg)
+            if in_actor:
+                quiet_data_context()
+                ds = ray.data.from_items([{"tile_id": t} for t in todo], override_num_blocks=len(todo))
+            else:
+                ds = read_cube(plan.fingerprint["cube"], tiles=todo, modalities=list(spec.modalities),
+                               num_cpus=cfg.read_cpus, override_num_blocks=len(todo),
+                               concurrency=reader_concurrency(cfg, n_actors))
             # A killed actor is replaced and its tile retried, but not forever: a tile that kills every actor
             # (host OOM, a crash in a library) fails after 3 retries instead of looping. Ray 2.60 has no named
             # parameter for max_task_retries, only the deprecated ray_remote_args.
@@ -1179,7 +1219,9 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
                 sink = {"tile_dir": str(plan.tile_dir), "cube": plan.fingerprint["cube"], "nodata": plan.nodata,
                         "colormap": plan.colormap or None, "band_names": plan.band_names, "tags": tags}
                 ds = ds.map_batches(
-                    TilePredictor, fn_constructor_kwargs={"spec": spec, "sink": sink}, batch_size=tiles_per_call(cfg),
+                    TilePredictor, batch_size=tiles_per_call(cfg),
+                    fn_constructor_kwargs={"spec": spec, "sink": sink,
+                                           "cube": plan.fingerprint["cube"] if in_actor else None},
                     batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
                     num_cpus=per, num_gpus=1 if cfg.gpu else None, max_restarts=-1, max_task_retries=3,
                 )
