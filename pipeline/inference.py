@@ -50,9 +50,8 @@ Per-tile directory ``<work_dir>/<name>/`` (default ``<out dir>/<out stem>.tiles/
     pids/actor-<pid>.pid   test hook (``write_pids``)
 
 A re-run with the same fingerprint (task, encoder and head sha256, support, window, overlap, margin, cube,
-precision)
-skips every tile recorded done whose file exists; a different fingerprint starts the records over. A tile that
-fails (unreadable, missing from the cube, an exception in the model) is recorded with its reason and does not
+precision) skips every tile recorded done whose file exists; a different fingerprint starts the records over. A
+tile that fails (unreadable, missing from the cube, an exception in the model) is recorded with its reason and does not
 stop the others; the mosaic is made when every tile is done, or with ``allow_partial``.
 
 Why read failures are dropped blocks (``DataContext.max_errored_blocks``) and not rows: the
@@ -411,21 +410,19 @@ class TilePredictor:
         self.device = torch.device("cuda" if spec.gpu else "cpu")
         cfg, _ = encoder_config(spec.encoder)
         self.feature_dim = cfg.fusion_dim * (2 if cfg.geo_context else 1)
-        self._thread: int | None = None
+        self._loaded = False
 
     def _load(self) -> None:
         """Load the model, head and few-shot support, once, in the thread that predicts. Ray Data constructs the
         actor on its main thread and calls it on another; a model built (its weights initialised by OpenMP
         parallel loops) in one thread and run in another predicted 15-20 % slower on 2 cores (1.48 vs 1.23 s
         a tile, measured), a model built and run in the same thread at full speed."""
-        import threading
-
         import torch
 
         from pipeline.finetune import load_head
         from skysense_core.checkpoint import load_checkpoint
 
-        if self._thread is not None:
+        if self._loaded:
             return
         spec = self.spec
         if spec.threads:
@@ -444,7 +441,7 @@ class TilePredictor:
                 x, _ = rows_to_input(one, spec.modalities)
                 self.support_inputs.append(x.to(self.device))
                 self.support_labels.append(torch.from_numpy(s.labels[i].astype(np.int64)).to(self.device))
-        self._thread = threading.get_ident()
+        self._loaded = True
 
     # -- what it writes -------------------------------------------------------------------------------------------
     @property
@@ -764,9 +761,8 @@ class InferenceConfig:
     (EPSG code or any rasterio CRS string; default the UTM zone of the AOI's centre); overwrite [--overwrite]:
     replace an existing product (tiles done earlier with the same settings are reused); allow_partial
     [--allow-partial]: make the product even when tiles failed (they are nodata); name / work_dir [--name,
-    --work-dir]: the per-tile
-    directory ``work_dir/name`` (default ``<out dir>/<out stem>.tiles``); ray_address [--ray-address];
-    num_actors [--num-actors] (default: the GPUs with --gpu, else one per 8 CPUs, at least 1).
+    --work-dir]: the per-tile directory ``work_dir/name`` (default ``<out dir>/<out stem>.tiles``); ray_address
+    [--ray-address]; num_actors [--num-actors] (default: the GPUs with --gpu, else one per 8 CPUs, at least 1).
 
     Library only: tiles (a subset of the cube's tiles; default all planned tiles), cpus_per_actor (default 1
     with --gpu, else the cluster's CPUs less the read stage's share, split over the actors), threads (torch

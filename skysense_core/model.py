@@ -160,7 +160,7 @@ class SkySense(nn.Module):
         h, w = grid
         idx = x.valid.nonzero(as_tuple=False)  # (N, 2): only valid dates are encoded, so padding costs nothing
         c = self.cfg.token_dim
-        tokens = x.data.new_zeros((b, t, c, h, w), dtype=self.ctpe.dtype) if len(idx) < b * t or not len(idx) else None
+        tokens = None
         keep = torch.zeros((b, t, h, w), dtype=torch.bool, device=x.data.device)
         pyramid = None
         if len(idx):
@@ -180,6 +180,7 @@ class SkySense(nn.Module):
             if len(idx) == b * t:  # every date valid: nonzero() lists (b, t) in row-major order
                 tokens = feat.to(self.ctpe.dtype).reshape(b, t, c, h, w)
             else:
+                tokens = x.data.new_zeros((b, t, c, h, w), dtype=self.ctpe.dtype)
                 tokens = tokens.index_put((idx[:, 0], idx[:, 1]), feat.to(tokens.dtype))
             ok = torch.ones((len(idx), h, w), dtype=torch.bool, device=keep.device)
             if x.mask is not None:
@@ -188,6 +189,8 @@ class SkySense(nn.Module):
                     pix = F.adaptive_avg_pool2d(pix[:, None], (h, w))[:, 0]
                 ok = pix >= 0.5
             keep = keep.index_put((idx[:, 0], idx[:, 1]), ok)
+        if tokens is None:  # no valid date
+            tokens = x.data.new_zeros((b, t, c, h, w), dtype=self.ctpe.dtype)
         return tokens, keep, (pyramid, idx)
 
     def _semantic_for(self, m: str, sem: SemanticInput, rows: torch.Tensor, grid: tuple[int, int]):
