@@ -2,13 +2,14 @@
 
 Stages: build the demo region (a local static STAC catalog with S2, S1 and HR COGs and ground truth), search it
 as the pipeline does, ingest it into a Zarr cube with Ray (out/demo/cube.zarr), pretrain the ``tiny`` model on it
-with Ray Train (out/demo/runs/demo-tiny-stage1), fine-tune a linear land-cover head on the demo truth
-(out/demo/runs/demo-landcover-head; every 4th tile held out), predict the whole cube with sliding windows on Ray
-and mosaic it into out/demo/landcover.tif (COG) with landcover.png (quicklook) and landcover.json (STAC item),
-and score that map against the demo truth (mIoU over all tiles and over the held-out tiles).
+with Ray Train (out/demo/runs/demo-tiny-stage1; its EMA teacher is exported), fine-tune a land-cover head on the
+demo truth (out/demo/runs/demo-landcover-head; every 4th tile held out for testing, see pipeline.finetune) and
+fit the raw-pixel baseline on the same pixels, predict the whole cube with sliding windows on Ray and mosaic it
+into out/demo/landcover.tif (COG) with landcover.png (quicklook) and landcover.json (STAC item), and print the
+map's mIoU and per-class IoU on the held-out tiles beside the baseline's, then the time of every stage.
 
     python jobs/demo.py --out out/demo [--size-km 5] [--seed 0] [--hr-ratio 8] [--force] [--pretrain-steps 20]
-                        [--finetune-steps 40]
+                        [--finetune-steps 60]
 
 A re-run reuses what is there: the region, the finished cube tiles, the pretraining run, the fine-tuned head
 and the predicted tiles (the product itself is remade).
@@ -30,9 +31,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 from pipeline import demo, stac  # noqa: E402
+from pipeline.baselines import raw_pixel_baseline  # noqa: E402
 from pipeline.cube import CubeConfig  # noqa: E402
 from pipeline.evaluate import score_product  # noqa: E402
-from pipeline.finetune import FinetuneConfig, file_sha256, read_head_info, run_finetune, split_tiles  # noqa: E402
+from pipeline.finetune import FinetuneConfig, file_sha256, finetune, read_head_info  # noqa: E402
 from pipeline.grid import load_aoi, parse_tile_id  # noqa: E402
 from pipeline.inference import InferenceConfig, run_inference  # noqa: E402
 from pipeline.ingest import cube_summary, run_ingest  # noqa: E402
@@ -52,38 +54,53 @@ def build_region(out: Path, cfg: demo.DemoConfig, force: bool) -> Path:
     return demo.generate(cfg, region)
 
 
-def landcover_product(out: Path, cube: Path, encoder: Path, steps: int, cube_cfg: CubeConfig) -> Path | None:
-    """Fine-tune a linear head on the demo truth for ``steps`` steps, predict the cube into ``out/landcover.tif``
-    and print its mIoU against the truth. None (after printing why) when the inference left tiles undone."""
+def _iou_line(names: list[str], ious) -> str:
+    return "  ".join(f"{n} {'  n/a' if v is None or v != v else f'{v:.3f}'}" for n, v in zip(names, ious, strict=True))
+
+
+def landcover_product(out: Path, cube: Path, encoder: Path, steps: int, cube_cfg: CubeConfig,
+                      timing: dict[str, float]) -> Path | None:
+    """Fine-tune the land-cover head on the demo truth (pipeline.finetune's recipe: frozen encoder, per-date
+    features by month plus the input, linear head by L-BFGS), fit the raw-pixel baseline on the same training
+    pixels, predict the cube into ``out/landcover.tif`` and print, for the held-out tiles, the map's mIoU and
+    per-class IoU beside the baseline's. None (after printing why) when the inference left tiles undone."""
     truth = out / "region" / "truth" / "landcover_10m.tif"
     head_dir = out / "runs" / "demo-landcover-head"
+    baseline_file = head_dir / "baseline.json"
     try:
         info = read_head_info(head_dir)
-        reuse = info.encoder_sha256 == file_sha256(encoder)  # the head fits these very weights
+        reuse = info.encoder_sha256 == file_sha256(encoder) and info.features == "dates+input" \
+            and baseline_file.exists()  # the head fits these very weights, made by this recipe
     except ValueError:
         reuse = False
+    t0 = time.perf_counter()
     if reuse:
         print(f"\nfine-tune: reusing the head in {head_dir}")
+        metrics = json.loads((head_dir / "metrics.json").read_text())
+        baseline = json.loads(baseline_file.read_text())
     else:
-        print(f"\nfine-tune a linear land-cover head -> {head_dir}")
-        # lr 1e-2: a linear layer on frozen F_fus needs larger steps than the default to fit in one short epoch
-        metrics = run_finetune(FinetuneConfig(cube=str(cube), labels=str(truth), checkpoint=str(encoder),
-                                              out=str(head_dir), head="linear", epochs=1, lr=1e-2, window=32,
-                                              max_steps=steps))
-        print(f"  validation mIoU {metrics['miou']:.3f} on held-out tiles {', '.join(metrics['val_tiles'])}")
+        print(f"\nfine-tune the land-cover head (frozen encoder, features by month + input, linear) -> {head_dir}")
+        metrics, feats = finetune(FinetuneConfig(cube=str(cube), labels=str(truth), checkpoint=str(encoder),
+                                                 out=str(head_dir), steps=steps), log=lambda s: print("  " + s))
+        baseline = raw_pixel_baseline(feats["train"].inputs, feats["train"].y, feats["held_out"].inputs,
+                                      feats["held_out"].y, metrics["num_classes"])
+        baseline_file.write_text(json.dumps(baseline, indent=2))
+    timing["fine-tune"] = time.perf_counter() - t0
 
     product = out / "landcover.tif"
     print(f"\ninfer -> {product}")
     # The default window plan: for tiny one window per tile, the 128 px core and 8 px of context around it
     # (pipeline.inference.PRESET_WINDOW, DEFAULT_MARGIN); the bounded HR global attention keeps the cost per pixel
     # independent of the window.
+    t0 = time.perf_counter()
     result = run_inference(InferenceConfig(cube=str(cube), checkpoint=str(head_dir), task="landcover",
                                            out=str(product), overwrite=True))
+    timing["inference"] = time.perf_counter() - t0
     if not result.complete:
         print(f"inference left {len(result.failed)} tile(s) undone: {result.failed}")
         return None
     score = score_product(product, truth)
-    _, held_out = split_tiles(result.done, 4)  # the fine-tuning split (pipeline.finetune.split_tiles)
+    held_out = metrics["val_tiles"]  # the fine-tuning's test tiles (pipeline.finetune.split_for_finetune)
     import rasterio
 
     with rasterio.open(product) as src:
@@ -94,8 +111,19 @@ def landcover_product(out: Path, cube: Path, encoder: Path, steps: int, cube_cfg
     print(f"  {product}: inference of {len(result.processed)} tiles {result.seconds['pipeline']:.1f} s{rate}, "
           f"mosaic {result.seconds['mosaic']:.1f} s, total {result.seconds['total']:.0f} s; quicklook "
           f"{result.quicklook.name}, STAC item {result.item.name}")
-    print(f"  mIoU against the demo truth: {score.miou:.3f} over all {len(result.done)} tiles "
-          f"(pixel accuracy {score.pixel_accuracy:.3f}), {held.miou:.3f} over the {len(held_out)} held-out tiles")
+    names = metrics["class_names"]
+    print(f"\nland cover on the {len(held_out)} held-out tiles ({', '.join(held_out)}), "
+          f"{held.pixels} pixels, against the demo truth:")
+    print(f"  model    (the map, {metrics['encoder'].split('/')[-2]} encoder frozen, head {metrics['head']} on "
+          f"'{metrics['features']}' features): mIoU {held.miou:.3f}, pixel accuracy {held.pixel_accuracy:.3f}")
+    print(f"           {_iou_line(names, held.iou)}")
+    print(f"  baseline (raw pixels: monthly S2/S1 means + HR statistics, {baseline['classifier']}, the same "
+          f"{baseline['train_pixels']} training pixels): mIoU {baseline['miou']:.3f}, pixel accuracy "
+          f"{baseline['pixel_accuracy']:.3f}")
+    print(f"           {_iou_line(names, baseline['per_class_iou'])}")
+    margin = held.miou - baseline["miou"]
+    print(f"  model - baseline: {margin:+.3f} mIoU ({'the model wins' if margin > 0 else 'the baseline wins'}); "
+          f"all {len(result.done)} tiles: mIoU {score.miou:.3f} (training tiles included)")
     return product
 
 
@@ -108,13 +136,15 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild the demo region even if it exists")
     p.add_argument("--pretrain-steps", type=int, default=20,
                    help="stage-1 steps of the tiny preset on the demo cube (0 skips pretraining and what follows)")
-    p.add_argument("--finetune-steps", type=int, default=40,
-                   help="steps (4 windows of 32 px each) of the linear land-cover head (0 skips fine-tuning, "
-                        "inference and scoring)")
+    p.add_argument("--finetune-steps", type=int, default=FinetuneConfig.steps,
+                   help="L-BFGS iterations of the land-cover head (0 skips fine-tuning, inference and scoring)")
     args = p.parse_args(argv)
     t0 = time.time()
+    timing: dict[str, float] = {}
+    t_stage = time.perf_counter()
     cfg = demo.DemoConfig(size_km=args.size_km, seed=args.seed, hr_ratio=args.hr_ratio)
     catalog = build_region(args.out, cfg, args.force)
+    timing["region"] = time.perf_counter() - t_stage
 
     source = stac.open_source(catalog)
     bbox = list(demo.region_bbox(cfg))
@@ -136,9 +166,11 @@ def main(argv=None) -> int:
     # Ingest: the whole region and year into a Zarr v3 cube (re-runs skip finished tiles).
     cube = args.out / "cube.zarr"
     print(f"\ningest -> {cube}")
+    t_stage = time.perf_counter()
     cube_cfg = CubeConfig(hr_ratio=cfg.hr_ratio)
     report = run_ingest(str(catalog), load_aoi(bbox), date(cfg.year, 1, 1), date(cfg.year, 12, 31), cube, cube_cfg)
     print(cube_summary(cube))
+    timing["ingest"] = time.perf_counter() - t_stage
     if not report.ok:
         return 1
 
@@ -150,13 +182,17 @@ def main(argv=None) -> int:
                                 workers=1, out=str(args.out / "runs"), name="demo-tiny-stage1",
                                 checkpoint_every=max(args.pretrain_steps // 2, 1), warmup=2)
         print(f"\npretrain -> {job.run_dir}")
+        t_stage = time.perf_counter()
         run_pretraining(job)
+        timing["pretrain"] = time.perf_counter() - t_stage
         run = job.run_dir
     landcover = None
     if run is not None and args.finetune_steps > 0:
-        landcover = landcover_product(args.out, cube, run / "model.safetensors", args.finetune_steps, cube_cfg)
+        landcover = landcover_product(args.out, cube, run / "model.safetensors", args.finetune_steps, cube_cfg,
+                                      timing)
         if landcover is None:
             return 1
+    print("\ntime per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()))
     print(f"\ndemo done in {time.time() - t0:.1f} s: {len(items)} items in {catalog}, cube {cube}"
           + (f", pretrained weights {run / 'model.safetensors'}" if run else "")
           + (f", land cover {landcover}" if landcover else ""))

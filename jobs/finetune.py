@@ -1,11 +1,19 @@
-"""Fine-tune a segmentation head on labelled cube tiles and report validation mIoU per class.
+"""Fine-tune a land-cover head on labelled cube tiles and report held-out mIoU per class beside the raw-pixel
+baseline.
 
-    python jobs/finetune.py --cube CUBE --labels LABELS_COG --checkpoint CKPT --head upernet|linear --out DIR
+    python jobs/finetune.py --cube CUBE --labels LABELS_COG --checkpoint CKPT --out DIR
+                            [--train head] [--features dates+input] [--head linear|mlp] [--steps 60]
     ray job submit --working-dir . -- python jobs/finetune.py ...
 
-Labels are any categorical raster (class ids, 255 = nodata), reprojected onto the cube grid. Every 4th tile
-(sorted ids) is held out for validation. Writes DIR/head.safetensors and DIR/metrics.json and prints the metrics
-as one JSON line. Exit codes: 0 done, 1 failed, 2 bad input.
+The recipe (pipeline.finetune): every 4th tile (sorted ids) is held out for testing and every 6th remaining tile
+chooses the best step; the frozen encoder's per-pixel features are computed once with the inference window plan
+and cached; the head (standardisation folded in, class-balanced loss) trains on pixels drawn across all training
+tiles. ``--train fusion|all`` first trains those parts of the model on Ray Train (``--workers``, ``--gpu``,
+``--model-steps``; checkpoints in DIR/model, a re-submitted job resumes there), then fits the head on the trained
+model's features. Labels are any categorical raster (class ids, 255 = nodata), reprojected
+onto the cube grid. Writes DIR/head.safetensors, DIR/metrics.json and DIR/baseline.json and prints one JSON line:
+the model's held-out mIoU and per-class IoU, the baseline's, and the seconds. Exit codes: 0 done, 1 failed,
+2 bad input.
 """
 
 from __future__ import annotations
@@ -19,25 +27,46 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any cwd
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from pipeline.finetune import HEADS, FinetuneConfig, run_finetune  # noqa: E402
+from pipeline.finetune import HEADS, TRAIN_PARTS, FinetuneConfig, finetune  # noqa: E402
+from skysense_core.pixel_features import FEATURE_SETS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = FinetuneConfig
     p.add_argument("--cube", required=True)
     p.add_argument("--labels", required=True, help="categorical label raster (GeoTIFF / COG), 255 = nodata")
     p.add_argument("--checkpoint", required=True, help="a skysense checkpoint (.safetensors) from jobs/pretrain.py")
-    p.add_argument("--head", choices=HEADS, default="upernet")
     p.add_argument("--out", required=True)
+    p.add_argument("--train", choices=TRAIN_PARTS, default=d.train,
+                   help="what is trained: head (frozen encoder, cached features), fusion, all")
+    p.add_argument("--features", choices=FEATURE_SETS, default=d.features,
+                   help="what the head reads per pixel (skysense_core.pixel_features)")
+    p.add_argument("--head", choices=HEADS, default=d.head)
+    p.add_argument("--hidden", type=int, default=d.hidden, help="MLP head width")
+    p.add_argument("--optimizer", choices=("lbfgs", "adamw"), default=d.optimizer)
+    p.add_argument("--steps", type=int, default=d.steps, help="L-BFGS iterations (adamw: minibatch steps)")
+    p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)  # old name of --steps
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between model-selection checks")
     p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--window", type=int, default=32, help="training window in 10 m pixels (multiple of 4)")
-    p.add_argument("--val-every", type=int, default=4, help="hold out every N-th tile for validation")
-    p.add_argument("--unfreeze", action="store_true", help="train the encoder too (default: frozen)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="adamw: pixels per step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--pixels-per-tile", type=int, default=d.pixels_per_tile,
+                   help="labelled pixels sampled from each training tile")
+    p.add_argument("--window", type=int, default=d.window, help="fusion / all: training window in 10 m pixels")
+    p.add_argument("--val-every", type=int, default=d.val_every, help="hold out every N-th tile for testing")
+    p.add_argument("--select-every", type=int, default=d.select_every,
+                   help="every N-th remaining tile chooses the best step")
+    p.add_argument("--workers", type=int, default=d.workers, help="fusion / all: Ray Train workers")
+    p.add_argument("--gpu", action="store_true", help="fusion / all: one GPU per worker")
+    p.add_argument("--model-steps", type=int, default=FinetuneConfig.model_steps, help="fusion / all: Ray Train steps")
+    p.add_argument("--model-batch", type=int, default=FinetuneConfig.model_batch,
+                   help="fusion / all: global batch of windows")
+    p.add_argument("--model-lr", type=float, default=FinetuneConfig.model_lr, help="fusion / all: peak learning rate")
+    p.add_argument("--write-pids", action="store_true", help=argparse.SUPPRESS)  # tests: ranks write their pids
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="stop training after N optimiser steps")
+    p.add_argument("--no-baseline", action="store_true", help="skip the raw-pixel baseline")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     return p.parse_args(argv)
 
@@ -53,22 +82,40 @@ def main(argv=None) -> int:
         return 2
     import ray
 
+    from pipeline.baselines import raw_pixel_baseline
     from pipeline.ingest import init_ray
 
-    init_ray(a.ray_address)
-    cfg = FinetuneConfig(cube=a.cube, labels=a.labels, checkpoint=a.checkpoint, out=a.out, head=a.head,
-                         num_classes=a.num_classes, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                         window=a.window, val_every=a.val_every, freeze_encoder=not a.unfreeze, seed=a.seed,
-                         max_steps=a.max_steps)
     try:
-        metrics = run_finetune(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+        cfg = FinetuneConfig(cube=a.cube, labels=a.labels, checkpoint=a.checkpoint, out=a.out, head=a.head,
+                             features=a.features, train=a.train, num_classes=a.num_classes,
+                             steps=a.max_steps or a.steps, optimizer=a.optimizer, batch_size=a.batch_size, lr=a.lr,
+                             weight_decay=a.weight_decay, hidden=a.hidden, window=a.window, val_every=a.val_every,
+                             select_every=a.select_every, eval_every=a.eval_every,
+                             pixels_per_tile=a.pixels_per_tile, seed=a.seed, workers=a.workers, gpu=a.gpu,
+                             model_steps=a.model_steps, model_batch=a.model_batch, model_lr=a.model_lr,
+                             write_pids=a.write_pids)
     except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    init_ray(a.ray_address)
+    try:
+        metrics, feats = finetune(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except (ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         ray.shutdown()
-    keep = ("head", "num_classes", "steps", "miou", "pixel_accuracy", "per_class_iou", "val_tiles", "val_pixels")
-    print(json.dumps({k: metrics[k] for k in keep}))
+    keep = ("head", "features", "train", "num_classes", "steps", "best_step", "miou", "pixel_accuracy",
+            "per_class_iou", "val_tiles", "val_pixels", "seconds")
+    line = {k: metrics[k] for k in keep}
+    if not a.no_baseline:
+        base = raw_pixel_baseline(feats["train"].inputs, feats["train"].y, feats["held_out"].inputs,
+                                  feats["held_out"].y, metrics["num_classes"], seed=a.seed)
+        (Path(a.out) / "baseline.json").write_text(json.dumps(base, indent=2))
+        line["baseline"] = {"miou": base["miou"], "classifier": base["classifier"],
+                            "per_class_iou": dict(zip(metrics["class_names"], base["per_class_iou"], strict=True))}
+        line["model_minus_baseline"] = metrics["miou"] - base["miou"]
+    print(json.dumps(line))
     return 0
 
 

@@ -19,11 +19,13 @@ from the label raster's tags and colour table; ``{}`` when it has none), ``windo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,33 +36,69 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.datasource import done_tiles, read_cube, rows_to_input
+from pipeline.datasource import done_tiles, rows_to_input
 from pipeline.labels import NODATA, label_classes, open_label_raster
 from skysense_core.checkpoint import load_checkpoint
-from skysense_core.heads import UPerHead
+from skysense_core.heads import PixelHead, UPerHead
 
-HEADS = ("upernet", "linear")
+HEADS = ("mlp", "linear")
+TRAIN_PARTS = ("head", "fusion", "all")
 HEAD_FILE = "head.safetensors"
-HEAD_FORMAT = "skysense-head/1"
+HEAD_FORMAT = "skysense-head/2"
 
 
 @dataclass
 class FinetuneConfig:
+    """A fine-tuning run (module docstring). ``steps``: optimiser steps; ``batch_size``: pixels per step for
+    ``train="head"`` (cached features), windows per step and worker otherwise."""
+
     cube: str
     labels: str
     checkpoint: str
     out: str
-    head: str = "upernet"
+    head: str = "linear"
+    features: str = "dates+input"
+    train: str = "head"
     num_classes: int | None = None  # default: the label raster's class_names tag, else 1 + the largest training id
-    epochs: int = 5
-    batch_size: int = 4
-    lr: float = 1e-3
-    window: int = 32  # Sentinel pixels; a multiple of 4 for the model
-    val_every: int = 4  # every 4th tile is held out
-    freeze_encoder: bool = True
+    steps: int = 60  # lbfgs iterations (adamw: minibatch steps)
+    optimizer: str = "lbfgs"  # head: lbfgs (full batch) or adamw (minibatches)
+    batch_size: int = 4096
+    lr: float = 3e-3  # adamw, and the model's parts for train fusion / all
+    warmup: int = 20
+    weight_decay: float = 1e-4  # x the squared head weights in the loss
+    hidden: int = 128  # mlp width [ours]
+    window: int = 32  # fusion / all: training windows in Sentinel pixels; a multiple of 4 for the model
+    val_every: int = 4  # every 4th tile is held out (the test tiles every figure is reported on)
+    select_every: int = 6  # every 6th training tile chooses the best step (never trained on)
+    eval_every: int = 10  # steps between evaluations on the selection tiles
+    pixels_per_tile: int = 4096  # head: labelled pixels sampled from each training tile's core
     seed: int = 0
     class_names: list[str] = field(default_factory=list)
-    max_steps: int | None = None  # stop training after this many optimiser steps (None: every epoch in full)
+    noise_features: bool = False  # test hook: the model's features replaced by Gaussian noise (inputs kept)
+    threads: int | None = None  # torch threads of the feature pass (None: all cores)
+    workers: int = 1  # fusion / all: Ray Train workers
+    gpu: bool = False
+    model_steps: int = 100  # fusion / all: Ray Train steps on the model's parts [ours]
+    model_batch: int = 4  # fusion / all: global batch of windows
+    model_lr: float = 1e-4  # fusion / all: peak AdamW learning rate of the trained parts [ours]
+    write_pids: bool = False  # test hook of the Ray Train run
+    epochs: int | None = None  # legacy: ignored (``steps`` counts the budget)
+    max_steps: int | None = None  # legacy alias of ``steps``
+    freeze_encoder: bool = True  # legacy: False means ``train="all"``
+
+    def __post_init__(self):
+        if self.max_steps is not None:
+            self.steps = self.max_steps
+        if not self.freeze_encoder:
+            self.train = "all"
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose one of {HEADS}")
+        if self.train not in TRAIN_PARTS:
+            raise ValueError(f"unknown --train {self.train!r}; choose one of {TRAIN_PARTS}")
+        from skysense_core.pixel_features import FEATURE_SETS
+
+        if self.features not in FEATURE_SETS:
+            raise ValueError(f"unknown feature set {self.features!r}; choose one of {FEATURE_SETS}")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -101,13 +139,16 @@ class HeadInfo:
     class_names: dict[int, str]
     colormap: dict[int, tuple[int, int, int, int]]
     window: int | None
+    features: str = "fused"  # skysense_core.pixel_features.FEATURE_SETS: what the head reads
+    hidden: int = 0
+    train: str = "head"  # what the fine-tuning trained (TRAIN_PARTS)
 
 
 def save_head(
     path: str | Path, head: nn.Module, *, kind: str, num_classes: int, in_dim: int, channels: int,
     encoder: str | Path, preset: str, class_names: Mapping[int, str] | None = None,
     colormap: Mapping[int, tuple[int, ...]] | None = None, window: int | None = None, labels: str | None = None,
-    encoder_sha256: str | None = None,
+    encoder_sha256: str | None = None, features: str = "fused", hidden: int = 0, train: str = "head",
 ) -> Path:
     """Write the head's weights and its self-description (module docstring) to ``path`` atomically."""
     path = Path(path)
@@ -117,7 +158,8 @@ def save_head(
         "encoder_sha256": encoder_sha256 or file_sha256(encoder), "preset": preset,
         "class_names": json.dumps({str(k): v for k, v in sorted((class_names or {}).items())}),
         "colormap": json.dumps({str(k): list(v) for k, v in sorted((colormap or {}).items())}),
-        "window": "" if window is None else str(window), "labels": labels or "",
+        "window": "" if window is None else str(window), "labels": labels or "", "features": features,
+        "hidden": str(hidden), "train": train,
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp), metadata=meta)
@@ -150,7 +192,8 @@ def read_head_info(path: str | Path) -> HeadInfo:
         encoder_sha256=sha, preset=meta.get("preset") or None,
         class_names={int(k): v for k, v in json.loads(meta.get("class_names") or "{}").items()},
         colormap={int(k): tuple(v) for k, v in json.loads(meta.get("colormap") or "{}").items()},
-        window=int(meta["window"]) if meta.get("window") else None,
+        window=int(meta["window"]) if meta.get("window") else None, features=meta.get("features") or "fused",
+        hidden=int(meta.get("hidden") or 0), train=meta.get("train") or "head",
     )
 
 
@@ -158,8 +201,12 @@ def load_head(path: str | Path, channels: int | None = None) -> tuple[nn.Module,
     """The head module (eval mode, CPU) and its :class:`HeadInfo`. ``channels``: the UPerNet width for heads that
     do not record it (the encoder's ``uper_channels``)."""
     info = read_head_info(path)
-    head = build_head(info.kind, info.in_dim, info.num_classes, info.channels or channels or 0)
-    head.load_state_dict(load_file(info.path))
+    head = build_head(info.kind, info.in_dim, info.num_classes, info.channels or channels or 0, info.hidden)
+    state = load_file(info.path)
+    if info.kind == "linear" and "weight" in state:  # a linear head saved as a bare Conv2d (skysense-head/1)
+        state = {"mlp.weight": state["weight"], "mlp.bias": state["bias"], "mean": head.mean, "std": head.std,
+                 "class_weights": head.class_weights}
+    head.load_state_dict(state)
     return head.eval(), info
 
 
@@ -173,9 +220,13 @@ def split_tiles(tiles: list[str], val_every: int) -> tuple[list[str], list[str]]
     return train, val
 
 
-def build_head(kind: str, in_dim: int, num_classes: int, channels: int) -> nn.Module:
+def build_head(kind: str, in_dim: int, num_classes: int, channels: int = 0, hidden: int = 128) -> nn.Module:
+    """``linear`` / ``mlp``: :class:`skysense_core.heads.PixelHead` (standardisation folded in; ``hidden`` units
+    for the MLP); ``upernet``: UPerNet on the single F_fus grid level."""
     if kind == "linear":
-        return nn.Conv2d(in_dim, num_classes, 1)
+        return PixelHead(in_dim, num_classes, hidden=0)
+    if kind == "mlp":
+        return PixelHead(in_dim, num_classes, hidden=hidden or 128)
     if kind == "upernet":
         return _GridUPerNet(in_dim, channels, num_classes)
     raise ValueError(f"unknown head {kind!r}; choose one of {HEADS}")
@@ -204,91 +255,278 @@ def iou_from_confusion(cm: torch.Tensor) -> list[float | None]:
     return [None if u == 0 else float(t / u) for t, u in zip(tp, union, strict=True)]
 
 
-def _batches(cube, tiles, window, labels, batch_size):
-    ds = read_cube(cube, tiles=tiles, window=window, labels=labels)
-    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
+def _lr_at(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 0, as a factor of the base learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def class_weights(counts: np.ndarray) -> np.ndarray:
+    """Loss weight per class from its pixel counts: inverse square-root frequency [ours], scaled so that the
+    average pixel weighs 1; 0 for a class without pixels. Full inverse frequency over-predicts the rare classes
+    (water, bare, built-up are 0.6-5 % of the demo's pixels); the square root balances without that."""
+    counts = np.asarray(counts, np.float64)
+    freq = counts / max(counts.sum(), 1)
+    w = np.where(counts > 0, 1 / np.sqrt(np.maximum(freq, 1e-12)), 0.0)
+    return (w / max((freq * w).sum(), 1e-12)).astype(np.float32)
+
+
+@dataclass
+class TileSet:
+    """Cached per-pixel data of some tiles' cores: ``x`` (N, F) model features, ``inputs`` (N, F_in) raw-input
+    features (``skysense_core.pixel_features.input_features``), ``y`` (N,) int64 labels, ``tile`` (N,) index into
+    ``tiles``, ``pixel`` (N,) flat index of the pixel in its tile core (row-major, ``tile_px`` per row). Only
+    labelled pixels with valid features are kept."""
+
+    tiles: list[str]
+    x: torch.Tensor
+    inputs: torch.Tensor
+    y: torch.Tensor
+    tile: torch.Tensor
+    pixel: torch.Tensor
+
+    @classmethod
+    def empty(cls, like: TileSet) -> TileSet:
+        return cls([], like.x[:0], like.inputs[:0], like.y[:0], like.tile[:0], like.pixel[:0])
+
+
+def extract_features(cube: str, labels: str, encoder: str, tiles: Sequence[str], features: str,
+                     sample: int | None = None, seed: int = 0, threads: int | None = None,
+                     log: Callable[[str], None] = print) -> TileSet:
+    """The frozen encoder's per-pixel ``features`` of every tile core, computed once with the inference window
+    plan (``pipeline.inference``: the same windows, margin and blending as ``jobs/infer.py``, so the head trains on
+    exactly what it will see), with the raw-input features and the labels on the 10 m grid. ``sample``: keep at
+    most this many random labelled pixels per tile (training); None keeps every labelled pixel (evaluation)."""
+    from pipeline.inference import TilePredictor, feature_spec, read_tiles_local
+    from skysense_core.pixel_features import input_features
+
+    spec = feature_spec(cube, encoder, features, threads=threads)
+    predictor = TilePredictor(spec)
+    c0, n = spec.core
+    rng = np.random.default_rng(seed)
+    xs, ins, ys, ts, ps = [], [], [], [], []
+    t0 = time.perf_counter()
+    reads = read_tiles_local(cube, list(tiles), modalities=spec.modalities, labels=labels)  # one datasource
+    for i, (t, batch) in enumerate(zip(tiles, reads, strict=True)):
+        if str(batch["tile_id"][0]) != t:
+            raise RuntimeError(f"tile order: expected {t}, read {batch['tile_id'][0]}")
+        row = {k: v[0] for k, v in batch.items()}
+        feat = predictor.predict(row)  # (F, n, n) float32, NaN where the inputs are nodata
+        inp, _ = rows_to_input({k: v for k, v in batch.items() if k not in ("labels", "labels_grid", "tile_id")},
+                               spec.modalities)
+        with torch.inference_mode():
+            raw = input_features(inp, spec.hr_ratio)[0, :, c0:c0 + n, c0:c0 + n].numpy()
+        lab = np.asarray(row["labels_grid"])[c0:c0 + n, c0:c0 + n].astype(np.int64)
+        ok = (lab != NODATA) & np.isfinite(feat).all(0)
+        idx = np.flatnonzero(ok.ravel())
+        if sample is not None and len(idx) > sample:
+            idx = np.sort(rng.choice(idx, sample, replace=False))
+        xs.append(torch.from_numpy(feat.reshape(len(feat), -1)[:, idx].T.copy()))
+        ins.append(torch.from_numpy(raw.reshape(len(raw), -1)[:, idx].T.copy()))
+        ys.append(torch.from_numpy(lab.ravel()[idx]))
+        ts.append(torch.full((len(idx),), i, dtype=torch.int64))
+        ps.append(torch.from_numpy(idx.astype(np.int64)))
+        if (i + 1) % 5 == 0 or i + 1 == len(tiles):
+            log(f"[finetune] features of {i + 1}/{len(tiles)} tiles ({features}, {xs[0].shape[1]} per pixel), "
+                f"{time.perf_counter() - t0:.0f} s")
+    return TileSet(list(tiles), torch.cat(xs), torch.cat(ins), torch.cat(ys), torch.cat(ts), torch.cat(ps))
+
+
+def evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, chunk: int = 65536,
+             truth_classes_only: bool = False) -> dict:
+    """mIoU, per-class IoU and pixel accuracy of ``head`` on pixel features x (N, F) with labels y (N,)."""
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    with torch.inference_mode():
+        for i in range(0, len(y), chunk):
+            logits = head.forward_pixels(x[i:i + chunk])
+            cm += confusion(logits.argmax(1), y[i:i + chunk], num_classes)
+    return scores(cm, truth_classes_only)
+
+
+def scores(cm: torch.Tensor, truth_classes_only: bool = False) -> dict:
+    """mIoU, per-class IoU, pixel accuracy and pixel count of a confusion matrix. ``truth_classes_only``: average
+    over the classes present in the truth only (model selection on a few tiles: otherwise a class absent from
+    them swings the mean between 0 and not counted as soon as one pixel is predicted as it)."""
+    ious = iou_from_confusion(cm)
+    present = [v for i, v in enumerate(ious) if v is not None and (not truth_classes_only or cm[i].sum() > 0)]
+    return {"miou": float(np.mean(present)) if present else None, "per_class_iou": ious,
+            "pixel_accuracy": float(cm.diag().sum() / cm.sum().clamp(min=1)), "pixels": int(cm.sum())}
+
+
+def train_head(cfg: FinetuneConfig, train: TileSet, select: TileSet, num_classes: int, in_dim: int,
+               log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+    """The head on cached pixel features: standardisation from the training pixels folded into the head,
+    class-balanced cross-entropy (:func:`class_weights`) plus ``weight_decay`` x the squared weights, evaluated
+    every ``eval_every`` steps on the selection tiles; the best evaluation's weights are kept.
+
+    ``cfg.optimizer``: ``lbfgs`` (default) = full-batch L-BFGS with strong-Wolfe line search over every training
+    pixel at once (a step = one L-BFGS iteration), the standard optimiser of linear probes: on the demo it reaches
+    0.98 held-out mIoU in 40 iterations where AdamW minibatches of 4,096 pixels stall at 0.96 after 1,500 steps
+    (measured); ``adamw`` = minibatches of ``batch_size`` pixels drawn across all training tiles, warm-up + cosine
+    learning rate. Returns the head (eval mode) and its training record."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    head = build_head(cfg.head, in_dim, num_classes, hidden=cfg.hidden)
+    y = train.y
+    head.set_standardisation(train.x.mean(0), train.x.std(0))
+    xs = (train.x - head.mean) / head.std  # standardised once, not at every step
+    sel_x = (select.x - head.mean) / head.std
+    counts = np.bincount(y.numpy(), minlength=num_classes)[:num_classes]
+    weights = torch.from_numpy(class_weights(counts))
+    head.class_weights.copy_(weights)
+    decayed = [p for p in head.parameters() if p.dim() > 1]
+
+    def loss_of(idx=None) -> torch.Tensor:
+        z, t = (xs, y) if idx is None else (xs[idx], y[idx])
+        reg = sum((p * p).sum() for p in decayed)
+        return F.cross_entropy(head.forward_standardised(z), t, weight=weights) + cfg.weight_decay * reg
+
+    if cfg.optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=cfg.eval_every, history_size=20,
+                                line_search_fn="strong_wolfe")
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, cfg.warmup, cfg.steps))
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}: lbfgs or adamw")
+    best = {"miou": -1.0, "step": 0}
+    best_state = copy.deepcopy(head.state_dict())
+    curve = []
+    t0 = time.perf_counter()
+    step = 0
+    while step < cfg.steps:
+        head.train()
+        if cfg.optimizer == "lbfgs":
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                loss = loss_of()
+                loss.backward()
+                return loss
+
+            loss = opt.step(closure)
+            step += cfg.eval_every
+        else:
+            for _ in range(min(cfg.eval_every, cfg.steps - step)):
+                loss = loss_of(torch.randint(len(y), (cfg.batch_size,), generator=g))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+        head.eval()
+        with torch.inference_mode():
+            if len(select.y):
+                cm = confusion(head.forward_standardised(sel_x).argmax(1), select.y, num_classes)
+                m = scores(cm, truth_classes_only=True)
+            else:  # no selection tiles (a tiny cube): the last step is kept
+                m = {"miou": float(step)}
+        loss = float(loss.detach())
+        curve.append({"step": step, "loss": loss, "select_miou": m["miou"]})
+        if m["miou"] > best["miou"]:
+            best = {"miou": m["miou"], "step": step}
+            best_state = copy.deepcopy(head.state_dict())
+        log(f"[finetune] step {step}/{cfg.steps} loss {loss:.4f} selection mIoU {m['miou']:.3f} "
+            f"(best {best['miou']:.3f} at {best['step']}), {time.perf_counter() - t0:.0f} s")
+    head.load_state_dict(best_state)
+    return head.eval(), {"best_step": best["step"], "select_miou": best["miou"] if len(select.y) else None,
+                         "curve": curve, "class_weights": weights.tolist(), "class_pixels": counts.tolist(),
+                         "seconds": time.perf_counter() - t0}
+
+
+def run_finetune_train(cfg: FinetuneConfig, train_tiles: list[str], num_classes: int | None,
+                       log: Callable[[str], None] = print) -> tuple[str, dict]:
+    """``train`` = fusion | all: the model's parts trained on Ray Train (DDP over ``workers``, ``gpu``,
+    checkpoints every quarter of the run, a killed worker or a re-submitted job resumes from the last one), as
+    pretraining runs, with ``skysense_core.segmentation.SegmentationFinetuner`` as the objective, on windows of
+    ``window`` px of the training tiles only, shuffled across tiles. The run lives in ``out/model``; returns its
+    exported weights and a record for the metrics."""
+    from pipeline.training import PretrainJobConfig, run_pretraining
+
+    preset = load_checkpoint(cfg.checkpoint)[0].cfg.name
+    job = PretrainJobConfig(
+        cube=cfg.cube, preset=preset, stage=2, objective="segment", train_parts=cfg.train, features=cfg.features,
+        steps=cfg.model_steps, batch_size=max(cfg.model_batch, cfg.workers), workers=cfg.workers, gpu=cfg.gpu,
+        out=str(Path(cfg.out).resolve()), name="model", lr=cfg.model_lr, warmup=max(cfg.model_steps // 10, 1),
+        weight_decay=cfg.weight_decay, checkpoint_every=max(cfg.model_steps // 4, 1), window=cfg.window,
+        labels=cfg.labels, num_classes=num_classes, init=cfg.checkpoint, tiles=list(train_tiles), seed=cfg.seed,
+        write_pids=cfg.write_pids,
+    )
+    t0 = time.perf_counter()
+    run_pretraining(job, progress=log)
+    return str(job.run_dir / "model.safetensors"), {
+        "model_run": str(job.run_dir), "model_steps": cfg.model_steps, "model_seconds": time.perf_counter() - t0}
+
+
+def split_for_finetune(cube: str, cfg: FinetuneConfig) -> tuple[list[str], list[str], list[str]]:
+    """(train, select, held_out) tiles: ``split_tiles`` holds out every ``val_every``-th tile for testing, then
+    every ``select_every``-th remaining tile chooses the best step (at least one train tile is kept)."""
+    fit, held_out = split_tiles(done_tiles(cube), cfg.val_every)
+    select = fit[cfg.select_every - 1 :: cfg.select_every] if cfg.select_every and len(fit) > 2 else []
+    train = [t for t in fit if t not in select]
+    return train, select, held_out
 
 
 def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict:
-    """Train the head, validate on the held-out tiles; writes ``head.safetensors`` and ``metrics.json`` to
-    ``cfg.out`` and returns the metrics."""
-    if cfg.head not in HEADS:
-        raise ValueError(f"unknown head {cfg.head!r}; choose one of {HEADS}")
-    torch.manual_seed(cfg.seed)
+    """Fine-tune as ``cfg`` says and score the held-out tiles; writes ``head.safetensors`` and ``metrics.json``
+    to ``cfg.out`` and returns the metrics. ``train="head"`` runs here (features cached once);
+    ``"fusion"`` / ``"all"`` run on Ray Train first (:func:`run_finetune_train`)."""
+    return finetune(cfg, log)[0]
+
+
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[dict, dict[str, TileSet | None]]:
+    """:func:`run_finetune`, also returning the cached pixels ({"train", "select", "held_out"} -> TileSet), so a
+    caller can fit its baselines on exactly the same pixels."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, _, meta = load_checkpoint(cfg.checkpoint)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(not cfg.freeze_encoder)
-    train_tiles, val_tiles = split_tiles(done_tiles(cfg.cube), cfg.val_every)
+    t_start = time.perf_counter()
+    train_tiles, select_tiles, held_out = split_for_finetune(cfg.cube, cfg)
     num_classes = cfg.num_classes or label_classes(cfg.labels)
-    if num_classes is None:  # an untagged raster: one extra pass over the training labels
-        top = 0
-        for batch in _batches(cfg.cube, train_tiles, cfg.window, cfg.labels, cfg.batch_size):
-            lab = batch["labels_grid"]
-            lab = lab[lab != NODATA]
-            top = max(top, int(lab.max()) if lab.size else 0)
-        num_classes = top + 1
-    in_dim = model.cfg.fusion_dim * (2 if model.glbank is not None else 1)
-    head = build_head(cfg.head, in_dim, num_classes, model.cfg.uper_channels)
-    params = list(head.parameters()) + ([] if cfg.freeze_encoder else list(model.parameters()))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-
-    def features(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        inp, _ = rows_to_input(batch)
-        target = torch.from_numpy(np.array(batch["labels_grid"], dtype=np.int64))
-        with torch.set_grad_enabled(not cfg.freeze_encoder):
-            feats = model(inp).fused
-        return feats, target
-
-    losses = []
+    encoder = cfg.checkpoint
+    record: dict = {}
+    if cfg.train != "head":  # train the model's parts on Ray Train, then fit the head on its features here
+        encoder, record = run_finetune_train(cfg, train_tiles, num_classes, log=log)
+    _, _, meta = load_checkpoint(encoder)
+    seconds = {}
     t0 = time.perf_counter()
-    step = 0
-    for epoch in range(cfg.epochs):
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
-        head.train()
-        for batch in _batches(cfg.cube, train_tiles, cfg.window, cfg.labels, cfg.batch_size):
-            feats, target = features(batch)
-            # unlabelled pixels, classes beyond the head, and pixels whose features are not finite are ignored
-            bad = (target >= num_classes) | ~torch.isfinite(feats).all(1)
-            target = torch.where(bad, torch.full_like(target, NODATA), target)
-            if not (target != NODATA).any():
-                continue  # a batch of windows outside the labels: cross-entropy would be 0/0 = NaN
-            logits = head(torch.nan_to_num(feats))
-            loss = F.cross_entropy(logits, target, ignore_index=NODATA)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break
-        log(f"epoch {epoch + 1}/{cfg.epochs}  step {step}  loss {np.mean(losses[-10:]):.4f}  "
-            f"{time.perf_counter() - t0:.0f} s")
-
-    head.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    with torch.no_grad():
-        for batch in _batches(cfg.cube, val_tiles, cfg.window, cfg.labels, cfg.batch_size):
-            feats, target = features(batch)
-            cm += confusion(head(torch.nan_to_num(feats)).argmax(1), target, num_classes)
-    ious = iou_from_confusion(cm)
-    present = [v for v in ious if v is not None]
+    feats = {}
+    for name, tiles, sample in (("train", train_tiles, cfg.pixels_per_tile), ("select", select_tiles, 8192),
+                                ("held_out", held_out, None)):
+        feats[name] = extract_features(cfg.cube, cfg.labels, encoder, tiles, cfg.features, sample=sample,
+                                       seed=cfg.seed, threads=cfg.threads, log=log) if tiles else None
+    seconds["features"] = time.perf_counter() - t0
+    if num_classes is None:  # an untagged raster: 1 + the largest training id
+        num_classes = int(feats["train"].y.max()) + 1
+    if cfg.noise_features:  # the control run: what the head learns without the encoder
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        for ts in feats.values():
+            if ts is None:
+                continue
+            k = ts.x.shape[1] - (ts.inputs.shape[1] if cfg.features == "dates+input" else 0)  # model part
+            ts.x = torch.cat([torch.randn(ts.x.shape[0], k, generator=g), ts.x[:, k:]], 1)
+    select = feats["select"] or TileSet.empty(feats["train"])
+    in_dim = feats["train"].x.shape[1]
+    head, rec = train_head(cfg, feats["train"], select, num_classes, in_dim, log=log)
+    seconds["head"] = rec.pop("seconds")
+    test = evaluate(head, feats["held_out"].x, feats["held_out"].y, num_classes)
     names = cfg.class_names or [str(i) for i in range(num_classes)]
-    metrics = {
-        "head": cfg.head, "checkpoint": str(cfg.checkpoint), "checkpoint_meta": meta, "num_classes": num_classes,
-        "train_tiles": train_tiles, "val_tiles": val_tiles, "steps": step, "final_loss": losses[-1] if losses else None,
-        "per_class_iou": {names[i]: v for i, v in enumerate(ious)},
-        "miou": float(np.mean(present)) if present else None,
-        "pixel_accuracy": float(cm.diag().sum() / cm.sum().clamp(min=1)),
-        "val_pixels": int(cm.sum()), "seconds": time.perf_counter() - t0, "config": asdict(cfg),
-    }
     legend_names, legend_colors = label_legend(cfg.labels)
+    if not cfg.class_names and legend_names:
+        names = [legend_names.get(i, str(i)) for i in range(num_classes)]
+    seconds["total"] = time.perf_counter() - t_start
+    metrics = {
+        "head": cfg.head, "features": cfg.features, "train": cfg.train, "checkpoint": str(cfg.checkpoint),
+        "encoder": str(encoder), "checkpoint_meta": meta, "num_classes": num_classes, "class_names": names,
+        "train_tiles": train_tiles, "select_tiles": select_tiles, "val_tiles": held_out, "steps": cfg.steps,
+        "best_step": rec["best_step"], "select_miou": rec["select_miou"],
+        "per_class_iou": {names[i]: v for i, v in enumerate(test["per_class_iou"])}, "miou": test["miou"],
+        "pixel_accuracy": test["pixel_accuracy"], "val_pixels": test["pixels"],
+        "train_pixels": int(len(feats["train"].y)), "seconds": seconds, **rec, **record, "config": asdict(cfg),
+    }
     save_head(out / HEAD_FILE, head, kind=cfg.head, num_classes=num_classes, in_dim=in_dim,
-              channels=model.cfg.uper_channels, encoder=cfg.checkpoint, preset=model.cfg.name,
+              channels=0, encoder=encoder, preset=load_checkpoint(encoder)[0].cfg.name,
               class_names={i: n for i, n in enumerate(cfg.class_names)} or legend_names, colormap=legend_colors,
-              window=cfg.window, labels=str(Path(cfg.labels).resolve()))
+              window=cfg.window, labels=str(Path(cfg.labels).resolve()), features=cfg.features,
+              hidden=cfg.hidden if cfg.head == "mlp" else 0, train=cfg.train)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return metrics, feats

@@ -348,7 +348,9 @@ class PredictorSpec:
     the windows cover too (context, then dropped). modalities: those read and fed to the model. gpu: CUDA + bf16
     autocast. threads: torch intra-op threads (None: leave as is). support: few-shot support. seed: few-shot
     label-id draw, reset per window so that a tile's result does not depend on what the actor did before.
-    pid_dir: test hook, each actor writes ``actor-<pid>.pid`` there, and ``busy-<pid>`` while it works."""
+    pid_dir: test hook, each actor writes ``actor-<pid>.pid`` there, and ``busy-<pid>`` while it works.
+    features: the per-pixel feature stack the head reads, or the embeddings written
+    (:data:`skysense_core.pixel_features.FEATURE_SETS`; landcover takes its head's)."""
 
     task: str
     encoder: str
@@ -367,6 +369,7 @@ class PredictorSpec:
     seed: int = 0
     pid_dir: str | None = None
     margin: int = 0
+    features: str = "fused"
 
     def windows(self) -> list[tuple[int, int, int, int]]:
         """The windows (y0, x0, height, width) in S2 px of the tile sample that one tile is predicted from: they
@@ -377,6 +380,23 @@ class PredictorSpec:
         a, b = max(c0 - self.margin, 0), min(c0 + n + self.margin, self.size)
         spans = window_spans(a, b, self.window, self.overlap, fixed=self.task == "fewshot", size=self.size)
         return [(y, x, hy, wx) for y, hy in spans for x, wx in spans]
+
+
+def feature_spec(cube: str | Path, encoder: str | Path, features: str = "fused", threads: int | None = None,
+                 batch_size: int = 4) -> PredictorSpec:
+    """The :class:`PredictorSpec` of an embeddings run of ``features`` over ``cube`` with the default window plan
+    of ``encoder``'s preset (what fine-tuning caches its features with, so that training sees what inference
+    computes)."""
+    ccfg = zarr_cube.cube_config(zarr_cube.open_cube(str(cube)))
+    mcfg, _ = encoder_config(encoder)
+    cube_mods = [m for m, t in (("hr", ccfg.t_hr), ("s2", ccfg.t_s2), ("s1", ccfg.t_s1)) if t > 0]
+    mods = tuple(m for m in MODALITIES if m in mcfg.modalities and m in cube_mods)
+    size, halo, tile_px = ccfg.grid.size_px, ccfg.grid.halo_px, ccfg.grid.tile_px
+    window = min(PRESET_WINDOW.get(mcfg.name, DEFAULT_WINDOW), size // 4 * 4)
+    return PredictorSpec(task="embeddings", encoder=str(encoder), head=None, window=window,
+                         overlap=DEFAULT_OVERLAP if window >= 2 * DEFAULT_OVERLAP else 0, batch_size=batch_size,
+                         size=size, core=(halo, tile_px), hr_ratio=ccfg.hr_ratio, modalities=mods, num_classes=None,
+                         threads=threads or os.cpu_count(), margin=min(DEFAULT_MARGIN, halo), features=features)
 
 
 class TilePredictor:
@@ -408,8 +428,10 @@ class TilePredictor:
         if spec.gpu and not torch.cuda.is_available():
             raise RuntimeError("gpu=True but this worker sees no CUDA device")
         self.device = torch.device("cuda" if spec.gpu else "cpu")
+        from skysense_core.pixel_features import feature_dim
+
         cfg, _ = encoder_config(spec.encoder)
-        self.feature_dim = cfg.fusion_dim * (2 if cfg.geo_context else 1)
+        self.feature_dim = feature_dim(spec.features, cfg, spec.modalities)
         self._loaded = False
 
     def _load(self) -> None:
@@ -518,6 +540,7 @@ class TilePredictor:
         import torch
         import torch.nn.functional as F
 
+        from skysense_core.pixel_features import pixel_features
         from skysense_core.semantic import few_shot_segment
 
         self._load()
@@ -531,10 +554,10 @@ class TilePredictor:
                 if probs.shape[-1] != x.grid_size(s.hr_ratio)[1]:  # HR-resolution probabilities -> the 10 m grid
                     probs = F.avg_pool2d(probs, s.hr_ratio)
                 return probs
-            fused = self.model(x).fused
+            feats = pixel_features(s.features, self.model(x), x, s.hr_ratio)
             if s.task == "embeddings":
-                return fused.float()
-            return self.head(fused).float()
+                return feats
+            return self.head(feats).float()
 
     def _read(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """The tile sample rows of ``ids`` read from ``self.cube`` here, as a batch; a tile that cannot be read is
@@ -928,7 +951,10 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         raise ValueError(f"the checkpoint {encoder} is preset '{mcfg.name}' with {mcfg.hr_ratio} HR pixels per "
                          f"Sentinel pixel, the cube {cube} has {ccfg.hr_ratio}: use a checkpoint of a preset made "
                          f"for this cube's HR ratio (or ingest with --hr-ratio {mcfg.hr_ratio})")
-    feature_dim = mcfg.fusion_dim * (2 if mcfg.geo_context else 1)
+    from skysense_core.pixel_features import feature_dim as pixel_feature_dim
+
+    features = head.features if head is not None else "fused"
+    feature_dim = pixel_feature_dim(features, mcfg, mods)
     sha = file_sha256(encoder)
     if head is not None:
         if head.preset and head.preset != mcfg.name:
@@ -936,7 +962,8 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
                              f"is preset '{mcfg.name}'")
         if head.in_dim and head.in_dim != feature_dim:
             raise ValueError(f"the head {head.path} takes {head.in_dim} features, the encoder {encoder} "
-                             f"(preset '{mcfg.name}') makes {feature_dim}")
+                             f"(preset '{mcfg.name}') makes {feature_dim} of the feature set '{features}' from the "
+                             f"cube's modalities {mods}")
         if head.encoder_sha256 and head.encoder_sha256 != sha:
             raise ValueError(f"the encoder {encoder} changed since the head {head.path} was trained on it "
                              f"(sha256 {sha[:12]}..., the head records {head.encoder_sha256[:12]}...)")
@@ -1034,7 +1061,7 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         task=cfg.task, encoder=encoder, head=head.path if head else None, window=window, overlap=overlap,
         batch_size=cfg.batch_size, size=size, core=(halo, tile_px), hr_ratio=ccfg.hr_ratio, modalities=tuple(mods),
         num_classes=num_classes, gpu=cfg.gpu, threads=cfg.threads, support=support, seed=cfg.seed,
-        pid_dir=str(tile_dir / "pids") if cfg.write_pids else None, margin=margin,
+        pid_dir=str(tile_dir / "pids") if cfg.write_pids else None, margin=margin, features=features,
     )
     fingerprint = {
         "task": cfg.task, "cube": cube, "encoder_sha256": sha,

@@ -90,7 +90,10 @@ class PretrainJobConfig:
     min_valid: windows with less data coverage than this fraction are not trained on (``CubeDatasource``).
     data_buffer_mb: object-store budget of the training data stream, so the data workers run at most this far
     ahead of the loop instead of making a whole epoch of views up front and taking the trainer's CPU while they
-    do. write_pids: test hook, each rank writes ``pids/rank<r>.pid``.
+    do. write_pids: test hook, each rank writes ``pids/rank<r>.pid``. objective: ``pretrain`` (the stage's
+    self-supervised objective) or ``segment`` (supervised fine-tuning on ``labels``,
+    ``skysense_core.segmentation.SegmentationFinetuner``: ``train_parts`` fusion | all, the head reading the
+    pixel feature set ``features``); tiles: train on these tiles only (default: every done tile).
     """
 
     cube: str
@@ -122,6 +125,20 @@ class PretrainJobConfig:
     min_valid: float = 0.5
     data_buffer_mb: float = 512.0
     write_pids: bool = False
+    objective: str = "pretrain"
+    train_parts: str = "fusion"
+    features: str = "dates"
+    tiles: list[str] | None = None
+
+    @property
+    def self_distillation(self) -> bool:
+        """SkySense stage 1: EMA teacher, views."""
+        return self.objective == "pretrain" and self.stage == 1
+
+    @property
+    def supervised(self) -> bool:
+        """Reads labels: stage 2, or supervised fine-tuning."""
+        return not self.self_distillation
 
     @property
     def run_name(self) -> str:
@@ -214,6 +231,8 @@ def resolve_config(cfg: PretrainJobConfig) -> tuple[PretrainJobConfig, CubeInfo]
     ``zarr_cube.CubeError`` (no cube)."""
     if cfg.stage not in (1, 2):
         raise ValueError(f"--stage must be 1 or 2, not {cfg.stage}")
+    if cfg.objective not in ("pretrain", "segment"):
+        raise ValueError(f"objective must be 'pretrain' or 'segment', not {cfg.objective!r}")
     for name in ("steps", "batch_size", "workers", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -241,13 +260,14 @@ def resolve_config(cfg: PretrainJobConfig) -> tuple[PretrainJobConfig, CubeInfo]
         get_config(cfg.preset, hr_ratio=info.hr_ratio, **cfg.model_overrides)
     except (TypeError, ValueError) as e:
         raise ValueError(f"model settings do not fit the cube (HR ratio {info.hr_ratio}): {e}") from None
-    if out.stage == 1:
+    if out.self_distillation:
         pretrain_config(out.preset, out.pretrain_overrides)  # unknown settings -> ValueError
     else:
         if out.labels is None:
             out.labels = default_labels(info)
         if out.labels is None:
-            raise ValueError("stage 2 needs --labels (a label raster); this cube's catalog has no demo truth")
+            raise ValueError("stage 2 and fine-tuning need --labels (a label raster); this cube's catalog has no "
+                             "demo truth")
         if not Path(out.labels).exists():
             raise ValueError(f"no label raster at {out.labels}")
         out.labels = str(Path(out.labels).resolve())
@@ -374,6 +394,8 @@ def _heads_module(module) -> torch.nn.Module | None:
     if isinstance(module, SkySensePretrainer):
         return torch.nn.ModuleDict({"student_heads": module.student_heads, "teacher_heads": module.teacher_heads,
                                     "align_proj": module.align_proj, "losses": module.losses})
+    if hasattr(module, "classifier"):  # SegmentationFinetuner: its training head
+        return torch.nn.ModuleDict({"norm": module.norm, "classifier": module.classifier})
     return None
 
 
@@ -553,7 +575,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.preset, hr_ratio=config["hr_ratio"], **cfg.model_overrides)
-    if cfg.stage == 1:
+    if cfg.objective == "segment":
+        from skysense_core.segmentation import SegmentationFinetuner
+
+        module = SegmentationFinetuner(model, cfg.num_classes, cfg.train_parts, cfg.features,
+                                       tuple(config.get("modalities") or model.cfg.modalities))
+    elif cfg.stage == 1:
         module = SkySensePretrainer(model, pretrain_config(cfg.preset, cfg.pretrain_overrides))
     else:
         module = SemanticPretrainer(model)
@@ -637,7 +664,7 @@ def train_loop_per_worker(config: dict) -> None:
             n = len(next(iter(batch.values())))
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                if cfg.stage == 1:
+                if cfg.self_distillation:
                     if "view0_theta" in batch:
                         loss, logs = wrapped(None, gen, views=columns_to_views(batch, device))
                     else:
@@ -659,7 +686,7 @@ def train_loop_per_worker(config: dict) -> None:
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
-            if cfg.stage == 1:
+            if cfg.self_distillation:
                 module.update_teacher(teacher_momentum(step, cfg.steps, module.cfg.momentum_start))
             step += 1
             samples += n * world
@@ -702,10 +729,11 @@ def _export(cfg: PretrainJobConfig, module, run_dir: Path, data: dict, world: in
         "steps_requested": cfg.steps,
         "samples_seen": samples,
         "weights": MODEL,
-        "weights_layout": "model.* = student (geo bank included), teacher.* = EMA teacher (stage 1), heads.* = "
-                          "DINO heads / projections / centres (stage 1)",
-        "data": {**data, "window": cfg.window, "labels": cfg.labels if cfg.stage == 2 else None,
-                 "num_classes": cfg.num_classes if cfg.stage == 2 else None},
+        "weights_layout": "model.* = the EMA teacher in stage 1 (the network the papers evaluate and hand to "
+                          "downstream tasks), the trained model in stage 2 (geo bank included); student.* = the "
+                          "stage-1 student; heads.* = DINO heads / projections / centres (stage 1)",
+        "data": {**data, "window": cfg.window, "labels": cfg.labels if cfg.supervised else None,
+                 "num_classes": cfg.num_classes if cfg.supervised else None},
         "final_losses": final,
         "mean_losses_last_10_steps": mean_tail,
         "world_size": world,
@@ -714,7 +742,12 @@ def _export(cfg: PretrainJobConfig, module, run_dir: Path, data: dict, world: in
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     meta = {k: card[k] for k in ("preset", "stage", "steps", "final_losses")}
-    save_checkpoint(run_dir / MODEL, student, _teacher(module), _heads_module(module), meta)
+    teacher = _teacher(module)
+    if teacher is not None:  # the EMA teacher is what fine-tuning and inference get (SkySense evaluates it)
+        save_checkpoint(run_dir / MODEL, teacher, None, _heads_module(module), {**meta, "weights": "teacher"},
+                        student=student)
+    else:
+        save_checkpoint(run_dir / MODEL, student, None, _heads_module(module), {**meta, "weights": "model"})
     tmp = run_dir / (CARD + ".tmp")
     tmp.write_text(json.dumps(card, indent=2, default=str))
     tmp.replace(run_dir / CARD)
@@ -731,10 +764,12 @@ def build_dataset(cfg: PretrainJobConfig, info: CubeInfo):
     from pipeline.datasource import read_cube
 
     kw = {"window": cfg.window, "num_cpus": cfg.data_cpus, "min_valid": cfg.min_valid}
-    if cfg.stage == 2:
+    if cfg.supervised:
         kw["labels"] = cfg.labels
+    if cfg.tiles is not None:
+        kw["tiles"] = list(cfg.tiles)
     ds = read_cube(info.path, shuffle=True, **kw)  # tiles in a new order every epoch, still streamed
-    if cfg.stage == 1 and cfg.views_on_data_workers:
+    if cfg.self_distillation and cfg.views_on_data_workers:
         aug = augment_config(cfg.preset, info.hr_ratio, cfg.model_overrides, cfg.pretrain_overrides)
         import ray.data
 

@@ -197,9 +197,11 @@ def load_official(path: str | Path, model: nn.Module, strict_official: bool = Tr
 # ------------------------------------------------------------------------------------------------------------------
 def save_checkpoint(
     path: str | Path, model: nn.Module, teacher: nn.Module | None = None, heads: nn.Module | None = None,
-    meta: dict | None = None,
+    meta: dict | None = None, student: nn.Module | None = None,
 ) -> Path:
-    """Write model (+ teacher, + other modules) to ``path`` (safetensors) atomically.
+    """Write model (+ teacher, + other modules) to ``path`` (safetensors) atomically. ``model.*`` is what
+    :func:`load_checkpoint` builds; an exported stage-1 run puts the EMA teacher there (the network the papers
+    evaluate) and keeps the student under ``student.*`` (without the geo bank, which both share).
 
     When ``path`` already holds exactly these tensors and metadata, it is left as it is: safetensors writes its
     metadata map in hash order, so the same content saved by another process has other bytes, and consumers
@@ -210,6 +212,8 @@ def save_checkpoint(
         tensors.update({f"teacher.{k}": v for k, v in teacher.state_dict().items() if not k.startswith("glbank.")})
     if heads is not None:
         tensors.update({f"heads.{k}": v for k, v in heads.state_dict().items()})
+    if student is not None:
+        tensors.update({f"student.{k}": v for k, v in student.state_dict().items() if not k.startswith("glbank.")})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "config": json.dumps(model.cfg.to_dict()), "meta": json.dumps(meta or {})}
     if path.is_file() and _same_content(path, tensors, metadata):
@@ -239,7 +243,7 @@ def _same_content(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], dict]:
-    """-> (config, {"model": ..., "teacher": ..., "heads": ...} state dicts, meta)."""
+    """-> (config, {"model": ..., "teacher": ..., "heads": ..., "student": ...} state dicts, meta)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -247,7 +251,7 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, dict[str, 
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file (format {metadata.get('format')!r})")
     tensors = load_file(str(path))
-    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "teacher": {}, "heads": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "teacher": {}, "heads": {}, "student": {}}
     for k, v in tensors.items():
         part, _, rest = k.partition(".")
         parts[part][rest] = v

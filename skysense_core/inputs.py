@@ -10,7 +10,9 @@ Shapes (B = batch, T = dates of that modality, H x W = Sentinel pixels, r = ``hr
     s1.data   (B, T_s1, 2, H, W)      float, backscatter in dB (VV, VH); NaN allowed where invalid
     *.valid   (B, T)                  bool, the date exists (padding dates are False)
     *.mask    (B, T, h, w)            bool, True = usable pixel (not cloud / shadow / nodata); optional
-    *.doy     (B, T)                  int64, day of year 1..366 (0 for padding)
+    *.doy     (B, T)                  int64, day of year 1..366 (0 for padding); or (B, T, h, w) on the Sentinel
+                                      grid where a sample's parts were observed on other days (few-shot: support
+                                      tiles stacked above the query keep their own dates)
     lat, lon  (B,)                    float degrees, tile centre (geo-context prototypes)
 
 A modality that a sample lacks is either absent (``None``) or has ``valid`` all False for that sample.
@@ -80,9 +82,10 @@ class ModalityInput:
         if self.data.dim() != 5:
             raise ValueError(f"data must be (B, T, C, H, W), got shape {tuple(self.data.shape)}")
         b, t = self.data.shape[:2]
-        if tuple(self.valid.shape) != (b, t) or tuple(self.doy.shape) != (b, t):
+        if tuple(self.valid.shape) != (b, t) or tuple(self.doy.shape[:2]) != (b, t) or self.doy.dim() not in (2, 4):
             raise ValueError(
-                f"valid {tuple(self.valid.shape)} and doy {tuple(self.doy.shape)} must both be (B, T) = {(b, t)}"
+                f"valid {tuple(self.valid.shape)} must be (B, T) = {(b, t)} and doy {tuple(self.doy.shape)} (B, T) "
+                f"or (B, T, h, w)"
             )
         if self.mask is not None and tuple(self.mask.shape[:2]) != (b, t):
             raise ValueError(f"mask must be (B, T, H, W), got {tuple(self.mask.shape)}")

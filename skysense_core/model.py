@@ -256,9 +256,9 @@ class SkySense(nn.Module):
             dst = seq[:, :, :, off:off + t]
             dst.copy_(tok.permute(0, 3, 4, 1, 2))
             if m in cfg.doy_modalities:
-                pe = self.ctpe[0, doy_index(doys[m], cfg.doy_entries)]  # (B, T, C)
+                pe = self.ctpe[0, doy_index(doys[m], cfg.doy_entries)]  # (B, T, C) or (B, T, h, w, C)
                 pe = pe * (doys[m] > 0).unsqueeze(-1).to(pe.dtype)  # completed tokens carry no date
-                dst += pe[:, None, None].to(seq.dtype)
+                dst += (pe[:, None, None] if pe.dim() == 3 else pe.permute(0, 2, 3, 1, 4)).to(seq.dtype)
             seq_keep[:, :, :, off:off + t] = keep[m].permute(0, 2, 3, 1)
             off += t
         seq = seq.view(b * h * w, n_tok, c)
@@ -323,7 +323,8 @@ class SkySense(nn.Module):
             tokens[m] = torch.cat([first.unsqueeze(1), tokens[m][:, 1:]], dim=1)
             keep[m] = keep[m].clone()
             keep[m][:, 0] |= done[:, None, None]
-            doys[m][:, 0] = torch.where(done, torch.zeros_like(doys[m][:, 0]), doys[m][:, 0])
+            d0 = doys[m][:, 0]
+            doys[m][:, 0] = torch.where(done.view(-1, *[1] * (d0.dim() - 1)), torch.zeros_like(d0), d0)
             summary[m] = filled
         return out, summary
 

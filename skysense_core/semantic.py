@@ -152,10 +152,12 @@ class SemanticPretrainer(nn.Module):
 def stack_tiles(tiles: list[SkySenseInput]) -> SkySenseInput:
     """Stack single-tile inputs vertically into one sample (first tile on top).
 
-    Date slot t of the stacked sample holds the t-th date slot of every tile; its day of year is the last tile's
-    (the query's) where valid, else the first valid one. Pixel masks keep each tile's own validity, so in the
-    fusion every location only uses dates its own tile had. Modalities present in some tiles only are zero
-    with a False mask in the others.
+    Date slot t of the stacked sample holds the t-th date slot of every tile. Sentinel modalities (on the grid)
+    get a per-pixel day of year, (1, T, h_total, w): every tile keeps its own dates, so a support tile observed
+    on other days than the query is encoded with its own seasons. HR (whose grid the stacker does not know)
+    keeps one day per slot, the last tile's (the query's) where valid, else the first valid one. Pixel masks
+    keep each tile's own validity, so in the fusion every location only uses dates its own tile had.
+    Modalities present in some tiles only are zero with a False mask in the others.
     """
     kw = {}
     for m in MODALITIES:
@@ -183,9 +185,13 @@ def stack_tiles(tiles: list[SkySenseInput]) -> SkySenseInput:
             valids.append(valid)
             doys.append(doy)
         valid = torch.stack(valids).any(0)
-        doy = torch.zeros_like(doys[0])
-        for d, v in zip(doys, valids, strict=True):  # later tiles (the query last) win
-            doy = torch.where(v, d, doy)
+        if m == "hr":
+            doy = torch.zeros_like(doys[0])
+            for d, v in zip(doys, valids, strict=True):  # later tiles (the query last) win
+                doy = torch.where(v, d, doy)
+        else:  # each tile's own days of year, on its own rows of the grid
+            hh, ww = ref.data.shape[-2:]
+            doy = torch.cat([d[:, :, None, None].expand(1, t_max, hh, ww) for d in doys], dim=2)
         kw[m] = ModalityInput(torch.cat(datas, dim=3), valid, doy, torch.cat(masks, dim=2))
     first = tiles[-1]
     return SkySenseInput(**kw, lat=None if first.lat is None else first.lat[:1],

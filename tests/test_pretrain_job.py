@@ -25,6 +25,7 @@ from pipeline.training import (
     METRICS,
     MODEL,
     TRAIN_STATE,
+    WEIGHTS,
     columns_to_views,
     read_metrics,
     views_to_columns,
@@ -92,11 +93,17 @@ def _assert_artefacts(run: Path, stage: int, steps: int) -> dict:
     assert card["stage"] == stage and card["preset"] == "tiny" and card["steps"] == steps
     assert card["data"]["tiles"] == 4 and card["data"]["start"] == "2024-04-01"
     assert all(math.isfinite(v) for v in card["final_losses"].values()) and "loss" in card["final_losses"]
-    from skysense_core.checkpoint import load_checkpoint
+    from skysense_core.checkpoint import load_checkpoint, read_checkpoint
 
     model, parts, meta = load_checkpoint(run / MODEL)
     assert model.cfg.name == "tiny" and meta["steps"] == steps and meta["stage"] == stage
-    assert (stage == 1) == bool(parts["teacher"])
+    # stage 1 exports the EMA teacher as the model (what fine-tuning and inference load), the student beside it
+    assert (stage == 1) == bool(parts["student"]) and meta["weights"] == ("teacher" if stage == 1 else "model")
+    if stage == 1:
+        ckpt_parts = read_checkpoint(_checkpoints(run)[-1] / WEIGHTS)[1]
+        assert all(torch.equal(v, ckpt_parts["teacher"][k]) for k, v in parts["model"].items()
+                   if not k.startswith("glbank."))
+        assert all(torch.equal(v, ckpt_parts["model"][k]) for k, v in parts["student"].items())
     ckpts = _checkpoints(run)
     assert 1 <= len(ckpts) <= 2  # CheckpointConfig(num_to_keep=2)
     state = torch.load(ckpts[-1] / TRAIN_STATE, map_location="cpu", weights_only=False)
@@ -104,15 +111,12 @@ def _assert_artefacts(run: Path, stage: int, steps: int) -> dict:
     return card
 
 
-def test_stage1_two_workers_survive_a_killed_worker(head, cube, runs):
-    """2 gloo DDP ranks; rank 1 is SIGKILLed after a checkpoint: Ray Train restarts the group from the last
-    checkpoint (not from 0) and the run ends at the requested step with one metrics row per step."""
-    run = runs / "s1"
+def _run_and_kill_rank1(head, script: str, args: list, run: Path, log_path: Path) -> tuple[int | None, int, str]:
+    """Submit ``script`` and SIGKILL rank 1 once a checkpoint at least one step old exists. Returns (killed pid
+    or None, the submit client's return code, its log)."""
     url, env = head
-    args = [*TRAIN_ARGS, "--cube", cube, "--stage", "1", "--steps", "10", "--batch-size", "4", "--workers", "2",
-            "--checkpoint-every", "2", "--out", runs, "--name", "s1", "--write-pids"]
-    log_path = runs / "s1-submit.log"  # a file, not a pipe: a full pipe would block the submit client
-    proc = subprocess.Popen(_submit_cmd(url, "jobs/pretrain.py", *args), env=env, stdout=open(log_path, "w"),
+    # a file, not a pipe: a full pipe would block the submit client
+    proc = subprocess.Popen(_submit_cmd(url, script, *args), env=env, stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT)
     killed = None
     try:
@@ -130,19 +134,63 @@ def test_stage1_two_workers_survive_a_killed_worker(head, cube, runs):
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = log_path.read_text()
+    return killed, proc.returncode, log_path.read_text()
+
+
+def _assert_resumed(run: Path, killed: int | None, rc: int, out: str, steps: int) -> list[dict]:
     assert killed is not None, "the run ended before a worker could be killed"
-    assert proc.returncode == 0, out[-6000:]
+    assert rc == 0, out[-6000:]
     assert "resumed from checkpoint at step" in out, out[-6000:]
     assert int((run / "pids" / "rank1.pid").read_text()) != killed  # a new worker process finished the run
     rows = read_metrics(run / METRICS)
-    assert [int(r["step"]) for r in rows] == list(range(1, 11))  # rows written after the checkpoint were dropped
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))  # rows after the checkpoint were dropped
     resumed = {int(r["resumed_from"]) for r in rows}
     assert max(resumed) >= 2, resumed  # restarted from a checkpoint, not from scratch
     _assert_finite(rows)
-    assert "replicas differ" not in out  # student, teacher, geo bank and DINO centres identical on both ranks
+    assert "replicas differ" not in out  # model (and teacher, geo bank, centres) identical on both ranks
+    return rows
+
+
+def test_stage1_two_workers_survive_a_killed_worker(head, cube, runs):
+    """2 gloo DDP ranks; rank 1 is SIGKILLed after a checkpoint: Ray Train restarts the group from the last
+    checkpoint (not from 0) and the run ends at the requested step with one metrics row per step."""
+    run = runs / "s1"
+    args = [*TRAIN_ARGS, "--cube", cube, "--stage", "1", "--steps", "10", "--batch-size", "4", "--workers", "2",
+            "--checkpoint-every", "2", "--out", runs, "--name", "s1", "--write-pids"]
+    killed, rc, out = _run_and_kill_rank1(head, "jobs/pretrain.py", args, run, runs / "s1-submit.log")
+    _assert_resumed(run, killed, rc, out, 10)
     card = _assert_artefacts(run, stage=1, steps=10)
     assert card["world_size"] == 2
+
+
+def test_finetune_fusion_on_two_workers_survives_a_killed_worker(head, cube, runs, demo_region):
+    """jobs/finetune.py --train fusion --workers 2: the fusion and date encoding trained with DDP on the training
+    tiles' labels; rank 1 is SIGKILLed after a checkpoint and the run resumes from it, then the head is fitted on
+    the trained model's features and scored on the held-out tile."""
+    from skysense_core import build_model
+    from skysense_core.checkpoint import save_checkpoint
+
+    catalog, _ = demo_region
+    torch.manual_seed(0)
+    init = save_checkpoint(runs / "ft-init.safetensors", build_model("tiny", hr_ratio=8), meta={"what": "init"})
+    out_dir = runs / "ft"
+    run = out_dir / "model"
+    args = ["--cube", cube, "--labels", catalog.parent / "truth" / "landcover_10m.tif", "--checkpoint", init,
+            "--out", out_dir, "--train", "fusion", "--workers", "2", "--model-steps", "10", "--model-batch", "4",
+            "--window", "16", "--steps", "10", "--write-pids"]
+    killed, rc, out = _run_and_kill_rank1(head, "jobs/finetune.py", args, run, runs / "ft-submit.log")
+    rows = _assert_resumed(run, killed, rc, out, 10)
+    assert all("loss/segment" in r for r in rows)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["train"] == "fusion" and metrics["encoder"] == str(run / MODEL) and metrics["model_steps"] == 10
+    assert 0.0 <= metrics["miou"] <= 1.0 and len(metrics["val_tiles"]) == 1
+    from skysense_core.checkpoint import read_checkpoint
+
+    trained, before = read_checkpoint(run / MODEL)[1]["model"], read_checkpoint(init)[1]["model"]
+    changed = {k.split(".")[0] for k in trained if not torch.equal(trained[k], before[k])}
+    assert changed == {"fusion", "ctpe"}, changed  # only the fusion and the date encoding were trained
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith('{"head"')]
+    assert lines and lines[-1]["baseline"]["miou"] is not None and "model_minus_baseline" in lines[-1]
 
 
 def test_resubmitted_run_continues_where_it_stopped(head, cube, runs):
