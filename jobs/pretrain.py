@@ -49,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="run name (default PRESET-stageN); the same name continues a run")
     p.add_argument("--labels", default=None, help="stage 2: label raster (default: the demo region's truth)")
     p.add_argument("--num-classes", type=int, default=None, help="stage 2: classes (default: from the raster)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, warm-up then cosine)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="peak learning rate (AdamW, warm-up then cosine); default 5e-4 for stage 1, 2e-4 for stage 2 "
+                        "(the official SkySense++ value, with layer-wise decay 0.7 and its frozen blocks)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")

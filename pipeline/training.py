@@ -105,7 +105,7 @@ class PretrainJobConfig:
     gpu: bool = False
     out: str = "runs"
     name: str | None = None
-    lr: float = 5e-4
+    lr: float | None = None  # default: 5e-4 [ours] (stage 1, fine-tuning), 2e-4 (stage 2, official)
     weight_decay: float = 0.04
     warmup: int = 10
     checkpoint_every: int = 50
@@ -120,11 +120,12 @@ class PretrainJobConfig:
     cpus_per_worker: float | None = None
     data_cpus: float = 0.25
     views_on_data_workers: bool = True
-    grad_clip: float = 3.0
+    grad_clip: float | None = None  # default: 3.0 [ours] (stage 1, fine-tuning), 5.0 (stage 2, official)
     shuffle_buffer: int = 64
     min_valid: float = 0.5
     data_buffer_mb: float = 512.0
     write_pids: bool = False
+    layer_decay: float = 0.7  # stage 2: layer-wise lr decay (skysense_core.semantic.STAGE2_RECIPE)
     objective: str = "pretrain"
     train_parts: str = "fusion"
     features: str = "dates"
@@ -240,6 +241,13 @@ def resolve_config(cfg: PretrainJobConfig) -> tuple[PretrainJobConfig, CubeInfo]
         raise ValueError(f"the global batch {cfg.batch_size} is smaller than the {cfg.workers} workers")
     if not 0.0 <= cfg.min_valid <= 1.0:
         raise ValueError(f"min_valid must be a fraction in [0, 1], got {cfg.min_valid}")
+    official2 = cfg.objective == "pretrain" and cfg.stage == 2
+    if cfg.lr is None or cfg.grad_clip is None:
+        from skysense_core.semantic import STAGE2_RECIPE
+
+        cfg = dataclasses.replace(
+            cfg, lr=cfg.lr if cfg.lr is not None else (STAGE2_RECIPE["lr"] if official2 else 5e-4),
+            grad_clip=cfg.grad_clip if cfg.grad_clip is not None else (STAGE2_RECIPE["grad_clip"] if official2 else 3.0))
     if cfg.warmup < 0 or cfg.lr <= 0:
         raise ValueError("lr must be positive and warmup non-negative")
     if not Path(cfg.cube).exists():
@@ -600,7 +608,19 @@ def train_loop_per_worker(config: dict) -> None:
         module, parallel_strategy_kwargs={"broadcast_buffers": False, "find_unused_parameters": True}
     )
     module = getattr(wrapped, "module", wrapped)
-    opt = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    if cfg.objective == "pretrain" and cfg.stage == 2:  # the official stage-2 recipe: freezing + layer decay
+        from skysense_core.semantic import stage2_param_groups
+
+        groups = stage2_param_groups(module.model, cfg.weight_decay, {"layer_decay": cfg.layer_decay})
+        in_model = {id(p) for p in module.model.parameters()}
+        for g in _param_groups(module, cfg.weight_decay):  # the trainer's own parameters (none today)
+            g["params"] = [p for p in g["params"] if id(p) not in in_model]
+            groups += [g] if g["params"] else []
+        for g in groups:
+            g["lr"] = cfg.lr * g.pop("lr_scale", 1.0)
+    else:
+        groups = _param_groups(module, cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
     step, epoch, samples = 0, 0, 0
     if state is not None:

@@ -147,6 +147,75 @@ class SemanticPretrainer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# the official stage-2 optimisation
+# ------------------------------------------------------------------------------------------------------------------
+# configs/pretrain_skysensepp.yml (shared/research/skysense.md section 3.2.6): AdamW lr 2e-4, betas (0.9, 0.999),
+# weight decay 0.04, layer-wise lr decay 0.7 (Swin counted over its blocks), grad clip L2 5, 1k warm-up then
+# linear decay over 30k iterations; frozen: the patch embeddings plus the first 12 of 24 blocks of Swin and of each
+# ViT (half), and the fusion layers from the third on (layers 0-1, the projection and the cls token train).
+STAGE2_RECIPE = {
+    "lr": 2e-4, "betas": (0.9, 0.999), "weight_decay": 0.04, "layer_decay": 0.7, "grad_clip": 5.0,
+    "frozen_block_fraction": 0.5, "trained_fusion_layers": 2, "warmup": 1000, "iterations": 30000,
+}
+
+
+def _backbone_layer(name: str, cfg) -> tuple[str, int, int] | None:
+    """(backbone, layer id, layers) of an encoder parameter for layer-wise decay, mmseg's numbering: 0 = patch
+    embedding, 1..N = the blocks in order, N + 1 = what follows the last block; None outside the encoders and
+    for the stage-2 label tokens (new parameters of this stage, trained at the full rate)."""
+    parts = name.split(".")
+    if parts[0] == "backbone_hr":
+        n = sum(cfg.hr_depths)
+        if parts[1] == "patch_embed":
+            return "hr", 0, n
+        if parts[1] == "layers":
+            stage, before = int(parts[2]), sum(cfg.hr_depths[: int(parts[2])])
+            if parts[3] == "blocks":
+                return "hr", before + int(parts[4]) + 1, n
+            return "hr", before + 1, n  # a stage's downsample goes with its first block
+        if parts[1] in ("mask_token", "vocabulary_token", "vocabulary_weight"):
+            return None
+        return "hr", n + 1, n  # per-stage norms and the global attention after the stages
+    if parts[0] in ("backbone_s2", "backbone_s1"):
+        n = cfg.vit_depth
+        if parts[1] in ("patch_embed", "pos_embed", "cls_token"):
+            return parts[0], 0, n
+        if parts[1] == "blocks":
+            return parts[0], int(parts[2]) + 1, n
+        if parts[1] in ("mask_token", "vocabulary_token", "vocabulary_weight"):
+            return None
+        return parts[0], n + 1, n
+    return None
+
+
+def stage2_param_groups(model: SkySense, weight_decay: float, recipe: dict | None = None) -> list[dict]:
+    """Freeze what the official stage 2 freezes and return AdamW parameter groups with an ``lr_scale`` each
+    (layer-wise decay: ``layer_decay ** (N + 1 - layer_id)`` inside each encoder, 1 elsewhere); 1-D parameters
+    (norms, biases, tokens) without weight decay. The caller sets ``lr = base_lr * lr_scale`` per group."""
+    r = {**STAGE2_RECIPE, **(recipe or {})}
+    cfg = model.cfg
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if name.startswith("glbank."):
+            p.requires_grad_(False)  # the geo bank is frozen downstream (the official freeze list's "glbank.")
+            continue
+        scale, frozen = 1.0, False
+        where = _backbone_layer(name, cfg)
+        if where is not None:
+            _, layer, n = where
+            frozen = layer <= int(n * r["frozen_block_fraction"])
+            scale = r["layer_decay"] ** (n + 1 - layer)
+        elif name.startswith("fusion.layers."):
+            frozen = int(name.split(".")[2]) >= r["trained_fusion_layers"]
+        p.requires_grad_(not frozen)
+        if frozen:
+            continue
+        wd = weight_decay if p.ndim >= 2 else 0.0
+        groups.setdefault((scale, wd), []).append(p)
+    return [{"params": ps, "lr_scale": sc, "weight_decay": wd} for (sc, wd), ps in sorted(groups.items())]
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # few-shot in-context segmentation
 # ------------------------------------------------------------------------------------------------------------------
 def stack_tiles(tiles: list[SkySenseInput]) -> SkySenseInput:
@@ -242,6 +311,6 @@ def few_shot_segment(
 
 
 __all__ = [
-    "IGNORE", "SemanticConfig", "SemanticPretrainer", "block_mask", "few_shot_segment", "remap_labels",
+    "IGNORE", "STAGE2_RECIPE", "SemanticConfig", "SemanticPretrainer", "stage2_param_groups", "block_mask", "few_shot_segment", "remap_labels",
     "semantic_mask", "stack_tiles",
 ]

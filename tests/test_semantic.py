@@ -115,3 +115,34 @@ def test_few_shot_returns_a_class_map_for_the_query(modalities):
     torch.testing.assert_close(avg, (runs[0] + runs[1]) / 2)
     with pytest.raises(ValueError, match="support"):
         few_shot_segment(model, support, labels[:1], query, 3)
+
+
+def test_stage2_recipe_freezes_and_decays_as_the_official_code():
+    """SkySense++ stage 2 (configs/pretrain_skysensepp.yml): patch embeddings and the first 12 of 24 Swin blocks
+    (and of each ViT) frozen, fusion layers from the third on frozen, layer-wise lr decay 0.7 over the blocks."""
+    from skysense_core import build_model
+    from skysense_core.semantic import STAGE2_RECIPE, stage2_param_groups
+
+    model = build_model("huge", device="meta")
+    cfg = model.cfg
+    assert sum(cfg.hr_depths) == 24 and STAGE2_RECIPE["layer_decay"] == 0.7 and STAGE2_RECIPE["lr"] == 2e-4
+    groups = stage2_param_groups(model, 0.04)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    swin_blocks = [(s, b) for s, d in enumerate(cfg.hr_depths) for b in range(d)]
+    for i, (s, b) in enumerate(swin_blocks):  # block i + 1 of 24
+        assert any(n.startswith(f"backbone_hr.layers.{s}.blocks.{b}.") for n in trained) == (i >= 12), (s, b)
+    assert not any(n.startswith(("backbone_hr.patch_embed", "backbone_s2.patch_embed", "glbank.")) for n in trained)
+    vit = cfg.vit_depth
+    assert all(any(n.startswith(f"backbone_s2.blocks.{i}.") for n in trained) == (i >= vit // 2) for i in range(vit))
+    fused = {int(n.split(".")[2]) for n in trained if n.startswith("fusion.layers.")}
+    assert fused == {0, 1} and "fusion.cls_token" in trained and "fusion.porj_linear.weight" in trained
+    # the lr scale of the last Swin block is 0.7 ** 1, of block 13 (the first trained) 0.7 ** 12; 1 outside
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    s_last, b_last = swin_blocks[-1]
+    s13, b13 = swin_blocks[12]
+    last = next(p for n, p in named.items() if n.startswith(f"backbone_hr.layers.{s_last}.blocks.{b_last}."))
+    first = next(p for n, p in named.items() if n.startswith(f"backbone_hr.layers.{s13}.blocks.{b13}."))
+    assert scale[id(last)] == pytest.approx(0.7) and scale[id(first)] == pytest.approx(0.7 ** 12)
+    assert scale[id(named["fusion.cls_token"])] == 1.0
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.04}
