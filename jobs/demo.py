@@ -122,7 +122,8 @@ def landcover_product(out: Path, cube: Path, encoder: Path, steps: int, cube_cfg
           f"{baseline['pixel_accuracy']:.3f}")
     print(f"           {_iou_line(names, baseline['per_class_iou'])}")
     margin = held.miou - baseline["miou"]
-    print(f"  model - baseline: {margin:+.3f} mIoU ({'the model wins' if margin > 0 else 'the baseline wins'}); "
+    verdict = "a tie" if abs(margin) < 5e-4 else "the model wins" if margin > 0 else "the baseline wins"
+    print(f"  model - baseline: {margin:+.3f} mIoU ({verdict}); "
           f"all {len(result.done)} tiles: mIoU {score.miou:.3f} (training tiles included)")
     return product
 

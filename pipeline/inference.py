@@ -554,10 +554,12 @@ class TilePredictor:
                 if probs.shape[-1] != x.grid_size(s.hr_ratio)[1]:  # HR-resolution probabilities -> the 10 m grid
                     probs = F.avg_pool2d(probs, s.hr_ratio)
                 return probs
-            feats = pixel_features(s.features, self.model(x), x, s.hr_ratio)
             if s.task == "embeddings":
-                return feats
-            return self.head(feats).float()
+                return pixel_features(s.features, self.model(x), x, s.hr_ratio)
+            parts = pixel_features(s.features, self.model(x), x, s.hr_ratio, parts=True)
+            if hasattr(self.head, "forward_parts"):
+                return self.head.forward_parts(parts).float()
+            return self.head(torch.cat(parts, 1)).float()
 
     def _read(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """The tile sample rows of ``ids`` read from ``self.cube`` here, as a batch; a tile that cannot be read is

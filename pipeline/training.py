@@ -245,9 +245,9 @@ def resolve_config(cfg: PretrainJobConfig) -> tuple[PretrainJobConfig, CubeInfo]
     if cfg.lr is None or cfg.grad_clip is None:
         from skysense_core.semantic import STAGE2_RECIPE
 
-        cfg = dataclasses.replace(
-            cfg, lr=cfg.lr if cfg.lr is not None else (STAGE2_RECIPE["lr"] if official2 else 5e-4),
-            grad_clip=cfg.grad_clip if cfg.grad_clip is not None else (STAGE2_RECIPE["grad_clip"] if official2 else 3.0))
+        lr, clip = (STAGE2_RECIPE["lr"], STAGE2_RECIPE["grad_clip"]) if official2 else (5e-4, 3.0)
+        cfg = dataclasses.replace(cfg, lr=lr if cfg.lr is None else cfg.lr,
+                                  grad_clip=clip if cfg.grad_clip is None else cfg.grad_clip)
     if cfg.warmup < 0 or cfg.lr <= 0:
         raise ValueError("lr must be positive and warmup non-negative")
     if not Path(cfg.cube).exists():

@@ -101,22 +101,23 @@ def input_features(x: SkySenseInput, hr_ratio: int) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def pixel_features(kind: str, out, x: SkySenseInput, hr_ratio: int) -> torch.Tensor:
+def pixel_features(kind: str, out, x: SkySenseInput, hr_ratio: int, parts: bool = False):
     """The feature stack ``kind`` (:data:`FEATURE_SETS`) of one forward: ``out`` a SkySenseOutput, ``x`` its
-    input. Returns (B, F, h, w) float32."""
+    input. Returns (B, F, h, w) float32, or with ``parts`` the list of its pieces in order (their concatenation;
+    ``PixelHead.forward_parts`` reads them without concatenating)."""
     if kind not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {kind!r}; choose one of {FEATURE_SETS}")
-    parts = [out.fused.float()]
+    pieces = [out.fused.float()]
     if kind in ("dates", "dates+input"):
         for m in ("s2", "s1"):
             if m in out.tokens and getattr(x, m) is not None:
-                parts.append(monthly(out.tokens[m], out.keep[m], getattr(x, m).doy))
+                pieces.append(monthly(out.tokens[m], out.keep[m], getattr(x, m).doy))
         if "hr" in out.tokens:
             tok, keep = out.tokens["hr"].float(), out.keep["hr"].unsqueeze(2).float()
-            parts.append((tok * keep).sum(1) / keep.sum(1).clamp(min=1))
+            pieces.append((tok * keep).sum(1) / keep.sum(1).clamp(min=1))
     if kind == "dates+input":
-        parts.append(input_features(x, hr_ratio))
-    return torch.cat(parts, 1)
+        pieces.append(input_features(x, hr_ratio))
+    return pieces if parts else torch.cat(pieces, 1)
 
 
 def feature_dim(kind: str, cfg, modalities, bands: dict[str, int] | None = None) -> int:

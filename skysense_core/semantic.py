@@ -169,7 +169,7 @@ def _backbone_layer(name: str, cfg) -> tuple[str, int, int] | None:
         if parts[1] == "patch_embed":
             return "hr", 0, n
         if parts[1] == "layers":
-            stage, before = int(parts[2]), sum(cfg.hr_depths[: int(parts[2])])
+            before = sum(cfg.hr_depths[: int(parts[2])])  # blocks of the earlier stages
             if parts[3] == "blocks":
                 return "hr", before + int(parts[4]) + 1, n
             return "hr", before + 1, n  # a stage's downsample goes with its first block
@@ -311,6 +311,6 @@ def few_shot_segment(
 
 
 __all__ = [
-    "IGNORE", "STAGE2_RECIPE", "SemanticConfig", "SemanticPretrainer", "stage2_param_groups", "block_mask", "few_shot_segment", "remap_labels",
-    "semantic_mask", "stack_tiles",
+    "IGNORE", "STAGE2_RECIPE", "SemanticConfig", "SemanticPretrainer", "block_mask", "few_shot_segment",
+    "remap_labels", "semantic_mask", "stack_tiles", "stage2_param_groups",
 ]
