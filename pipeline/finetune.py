@@ -76,6 +76,7 @@ class FinetuneConfig:
     class_names: list[str] = field(default_factory=list)
     noise_features: bool = False  # test hook: the model's features replaced by Gaussian noise (inputs kept)
     threads: int | None = None  # torch threads of the feature pass (None: all cores)
+    until_doy: int | None = None  # an as-of product (floods): dates after this day of year are not used
     workers: int = 1  # fusion / all: Ray Train workers
     gpu: bool = False
     model_steps: int = 100  # fusion / all: Ray Train steps on the model's parts [ours]
@@ -291,13 +292,26 @@ class TileSet:
         return cls([], like.x[:0], like.inputs[:0], like.y[:0], like.tile[:0], like.pixel[:0])
 
 
+def until(batch: Mapping[str, np.ndarray], until_doy: int | None) -> dict[str, np.ndarray]:
+    """A cube batch whose dates after ``until_doy`` (day of year) are marked invalid: what an as-of product (a
+    flood map on the event date) may use. The cube's series is one calendar year, so day order is time order."""
+    out = dict(batch)
+    if until_doy is None:
+        return out
+    for m in ("hr", "s2", "s1"):
+        if f"{m}_valid" in out:
+            out[f"{m}_valid"] = np.asarray(out[f"{m}_valid"]) & (np.asarray(out[f"{m}_doy"]) <= until_doy)
+    return out
+
+
 def extract_features(cube: str, labels: str, encoder: str, tiles: Sequence[str], features: str,
                      sample: int | None = None, seed: int = 0, threads: int | None = None,
-                     log: Callable[[str], None] = print) -> TileSet:
+                     log: Callable[[str], None] = print, until_doy: int | None = None) -> TileSet:
     """The frozen encoder's per-pixel ``features`` of every tile core, computed once with the inference window
     plan (``pipeline.inference``: the same windows, margin and blending as ``jobs/infer.py``, so the head trains on
     exactly what it will see), with the raw-input features and the labels on the 10 m grid. ``sample``: keep at
-    most this many random labelled pixels per tile (training); None keeps every labelled pixel (evaluation)."""
+    most this many random labelled pixels per tile (training); None keeps every labelled pixel (evaluation).
+    ``until_doy``: dates after this day of year are left out (:func:`until`)."""
     from pipeline.inference import TilePredictor, feature_spec, read_tiles_local
     from skysense_core.pixel_features import input_features
 
@@ -311,6 +325,7 @@ def extract_features(cube: str, labels: str, encoder: str, tiles: Sequence[str],
     for i, (t, batch) in enumerate(zip(tiles, reads, strict=True)):
         if str(batch["tile_id"][0]) != t:
             raise RuntimeError(f"tile order: expected {t}, read {batch['tile_id'][0]}")
+        batch = until(batch, until_doy)
         row = {k: v[0] for k, v in batch.items()}
         feat = predictor.predict(row)  # (F, n, n) float32, NaN where the inputs are nodata
         inp, _ = rows_to_input({k: v for k, v in batch.items() if k not in ("labels", "labels_grid", "tile_id")},
@@ -493,7 +508,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[d
     for name, tiles, sample in (("train", train_tiles, cfg.pixels_per_tile), ("select", select_tiles, 8192),
                                 ("held_out", held_out, None)):
         feats[name] = extract_features(cfg.cube, cfg.labels, encoder, tiles, cfg.features, sample=sample,
-                                       seed=cfg.seed, threads=cfg.threads, log=log) if tiles else None
+                                       seed=cfg.seed, threads=cfg.threads, log=log,
+                                       until_doy=cfg.until_doy) if tiles else None
     seconds["features"] = time.perf_counter() - t0
     if num_classes is None:  # an untagged raster: 1 + the largest training id
         num_classes = int(feats["train"].y.max()) + 1
