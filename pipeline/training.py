@@ -752,7 +752,10 @@ def _export(cfg: PretrainJobConfig, module, run_dir: Path, data: dict, world: in
         "weights_layout": "model.* = the EMA teacher in stage 1 (the network the papers evaluate and hand to "
                           "downstream tasks), the trained model in stage 2 (geo bank included); student.* = the "
                           "stage-1 student; heads.* = DINO heads / projections / centres (stage 1)",
-        "data": {**data, "window": cfg.window, "labels": cfg.labels if cfg.supervised else None,
+        "data": {**data, "window": cfg.window,
+                 "samples": "episodes: same-class mosaics of 8 windows, half cropped (pipeline.episodes)"
+                 if cfg.objective == "pretrain" and cfg.stage == 2 else "windows",
+                 "labels": cfg.labels if cfg.supervised else None,
                  "num_classes": cfg.num_classes if cfg.supervised else None},
         "final_losses": final,
         "mean_losses_last_10_steps": mean_tail,
@@ -780,8 +783,10 @@ def _export(cfg: PretrainJobConfig, module, run_dir: Path, data: dict, world: in
 # the driver
 # ------------------------------------------------------------------------------------------------------------------
 def build_dataset(cfg: PretrainJobConfig, info: CubeInfo):
-    """The ``train`` dataset: cube windows (and, stage 1, views made on the CPU data workers)."""
+    """The ``train`` dataset: cube windows (stage 1: and views made on the CPU data workers; stage 2: episodes,
+    ``pipeline.episodes``)."""
     from pipeline.datasource import read_cube
+    from skysense_core import get_config
 
     kw = {"window": cfg.window, "num_cpus": cfg.data_cpus, "min_valid": cfg.min_valid}
     if cfg.supervised:
@@ -789,6 +794,16 @@ def build_dataset(cfg: PretrainJobConfig, info: CubeInfo):
     if cfg.tiles is not None:
         kw["tiles"] = list(cfg.tiles)
     ds = read_cube(info.path, shuffle=True, **kw)  # tiles in a new order every epoch, still streamed
+    if cfg.objective == "pretrain" and cfg.stage == 2:  # the official episodes: same-class mosaics of windows
+        import ray.data
+
+        from pipeline.episodes import PER_EPISODE, EpisodeMaker
+
+        cell = get_config(cfg.preset, hr_ratio=info.hr_ratio, **cfg.model_overrides).mask_cell
+        ds = ds.map_batches(EpisodeMaker, fn_constructor_kwargs={"seed": cfg.seed, "cell": cell},
+                            batch_format="numpy", batch_size=PER_EPISODE * max(cfg.per_worker_batch, 2),
+                            num_cpus=cfg.data_cpus,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.workers)))
     if cfg.self_distillation and cfg.views_on_data_workers:
         aug = augment_config(cfg.preset, info.hr_ratio, cfg.model_overrides, cfg.pretrain_overrides)
         import ray.data

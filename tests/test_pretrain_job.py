@@ -221,6 +221,7 @@ def test_stage2_on_the_demo_truth(head, cube, runs):
     _assert_finite(rows)
     card = _assert_artefacts(run, stage=2, steps=3)
     assert card["data"]["num_classes"] == 7 and card["data"]["labels"].endswith("landcover_hr.tif")
+    assert card["data"]["samples"].startswith("episodes")
 
 
 def test_bad_input_exits_2(tmp_path, capsys):
