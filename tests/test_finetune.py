@@ -150,3 +150,14 @@ def test_job_rejects_bad_input(tmp_path):
                         "--checkpoint", "y", "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr
 
+
+
+def test_until_drops_the_dates_after_the_event():
+    """An as-of product (the flood of an event date) sees nothing observed later."""
+    from pipeline.finetune import until
+
+    batch = {"s1_valid": np.array([[True, True, True, False]]), "s1_doy": np.array([[100, 296, 320, 0]]),
+             "s2_valid": np.array([[True, True]]), "s2_doy": np.array([[290, 297]]), "s1": np.zeros((1, 4, 2, 2, 2))}
+    out = until(batch, 296)
+    assert out["s1_valid"].tolist() == [[True, True, False, False]] and out["s2_valid"].tolist() == [[True, False]]
+    assert out["s1"] is batch["s1"] and until(batch, None)["s1_valid"] is batch["s1_valid"]
