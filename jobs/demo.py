@@ -155,8 +155,17 @@ def flood_scores(out: Path, cube: Path, encoder: Path, steps: int, dcfg: demo.De
                                log=lambda s: print("  " + s))
         otsu = otsu_baseline(cube, truth, metrics["val_tiles"], until_doy=event)
         (head_dir / "otsu.json").write_text(json.dumps(otsu, indent=2))
+    # the model's flood map of the held-out tiles through the inference pipeline (the head carries its as-of day)
+    product = out / "flood.tif"
+    result = run_inference(InferenceConfig(cube=str(cube), checkpoint=str(head_dir), task="landcover",
+                                           out=str(product), tiles=list(metrics["val_tiles"]), overwrite=True),
+                           progress=None)
     timing["flood"] = time.perf_counter() - t0
     names = metrics["class_names"]
+    if result.complete:
+        mapped = score_product(product, truth)
+        print(f"\nflood map {product} ({len(result.done)} held-out tiles; quicklook {result.quicklook.name}, STAC "
+              f"item {result.item.name}): mIoU {mapped.miou:.3f} against the truth")
     print(f"\nflood on the {len(metrics['val_tiles'])} held-out tiles, {metrics['val_pixels']} pixels, against the "
           f"demo flood truth of {fd}:")
     print(f"  model (head {metrics['head']} on '{metrics['features']}' features up to day {event}): "

@@ -143,6 +143,7 @@ class HeadInfo:
     features: str = "fused"  # skysense_core.pixel_features.FEATURE_SETS: what the head reads
     hidden: int = 0
     train: str = "head"  # what the fine-tuning trained (TRAIN_PARTS)
+    until_doy: int | None = None  # an as-of head: inference drops the dates after this day of year too
 
 
 def save_head(
@@ -150,6 +151,7 @@ def save_head(
     encoder: str | Path, preset: str, class_names: Mapping[int, str] | None = None,
     colormap: Mapping[int, tuple[int, ...]] | None = None, window: int | None = None, labels: str | None = None,
     encoder_sha256: str | None = None, features: str = "fused", hidden: int = 0, train: str = "head",
+    until_doy: int | None = None,
 ) -> Path:
     """Write the head's weights and its self-description (module docstring) to ``path`` atomically."""
     path = Path(path)
@@ -160,7 +162,7 @@ def save_head(
         "class_names": json.dumps({str(k): v for k, v in sorted((class_names or {}).items())}),
         "colormap": json.dumps({str(k): list(v) for k, v in sorted((colormap or {}).items())}),
         "window": "" if window is None else str(window), "labels": labels or "", "features": features,
-        "hidden": str(hidden), "train": train,
+        "hidden": str(hidden), "train": train, "until_doy": "" if until_doy is None else str(until_doy),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp), metadata=meta)
@@ -195,6 +197,7 @@ def read_head_info(path: str | Path) -> HeadInfo:
         colormap={int(k): tuple(v) for k, v in json.loads(meta.get("colormap") or "{}").items()},
         window=int(meta["window"]) if meta.get("window") else None, features=meta.get("features") or "fused",
         hidden=int(meta.get("hidden") or 0), train=meta.get("train") or "head",
+        until_doy=int(meta["until_doy"]) if meta.get("until_doy") else None,
     )
 
 
@@ -543,6 +546,6 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[d
               channels=0, encoder=encoder, preset=load_checkpoint(encoder)[0].cfg.name,
               class_names={i: n for i, n in enumerate(cfg.class_names)} or legend_names, colormap=legend_colors,
               window=cfg.window, labels=str(Path(cfg.labels).resolve()), features=cfg.features,
-              hidden=cfg.hidden if cfg.head == "mlp" else 0, train=cfg.train)
+              hidden=cfg.hidden if cfg.head == "mlp" else 0, train=cfg.train, until_doy=cfg.until_doy)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics, feats

@@ -350,7 +350,8 @@ class PredictorSpec:
     label-id draw, reset per window so that a tile's result does not depend on what the actor did before.
     pid_dir: test hook, each actor writes ``actor-<pid>.pid`` there, and ``busy-<pid>`` while it works.
     features: the per-pixel feature stack the head reads, or the embeddings written
-    (:data:`skysense_core.pixel_features.FEATURE_SETS`; landcover takes its head's)."""
+    (:data:`skysense_core.pixel_features.FEATURE_SETS`; landcover takes its head's). until_doy: dates after this
+    day of year are not used (an as-of head, e.g. a flood on its event date: the head's own setting)."""
 
     task: str
     encoder: str
@@ -370,6 +371,7 @@ class PredictorSpec:
     pid_dir: str | None = None
     margin: int = 0
     features: str = "fused"
+    until_doy: int | None = None
 
     def windows(self) -> list[tuple[int, int, int, int]]:
         """The windows (y0, x0, height, width) in S2 px of the tile sample that one tile is predicted from: they
@@ -495,6 +497,10 @@ class TilePredictor:
 
         self._load()
         s = self.spec
+        if s.until_doy is not None:
+            from pipeline.finetune import until
+
+            rows = [until(r, s.until_doy) for r in rows]
         plan = s.windows()
         c0, n = s.core
         wsum = np.zeros((s.size, s.size), np.float32)
@@ -1064,6 +1070,7 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         batch_size=cfg.batch_size, size=size, core=(halo, tile_px), hr_ratio=ccfg.hr_ratio, modalities=tuple(mods),
         num_classes=num_classes, gpu=cfg.gpu, threads=cfg.threads, support=support, seed=cfg.seed,
         pid_dir=str(tile_dir / "pids") if cfg.write_pids else None, margin=margin, features=features,
+        until_doy=head.until_doy if head is not None else None,
     )
     fingerprint = {
         "task": cfg.task, "cube": cube, "encoder_sha256": sha,
