@@ -315,11 +315,20 @@ def extract_features(cube: str, labels: str, encoder: str, tiles: Sequence[str],
     exactly what it will see), with the raw-input features and the labels on the 10 m grid. ``sample``: keep at
     most this many random labelled pixels per tile (training); None keeps every labelled pixel (evaluation).
     ``until_doy``: dates after this day of year are left out (:func:`until`)."""
-    from pipeline.inference import TilePredictor, feature_spec, read_tiles_local
-    from skysense_core.pixel_features import input_features
+    from pipeline.inference import TilePredictor, feature_spec
 
     spec = feature_spec(cube, encoder, features, threads=threads)
-    predictor = TilePredictor(spec)
+    threads_before = torch.get_num_threads()  # the predictor sets the process's torch threads: put them back
+    try:
+        return _extract(cube, labels, spec, TilePredictor(spec), tiles, sample, seed, log, until_doy)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _extract(cube, labels, spec, predictor, tiles, sample, seed, log, until_doy) -> TileSet:
+    from pipeline.inference import read_tiles_local
+    from skysense_core.pixel_features import input_features
+
     c0, n = spec.core
     rng = np.random.default_rng(seed)
     xs, ins, ys, ts, ps = [], [], [], [], []
@@ -346,7 +355,7 @@ def extract_features(cube: str, labels: str, encoder: str, tiles: Sequence[str],
         ts.append(torch.full((len(idx),), i, dtype=torch.int64))
         ps.append(torch.from_numpy(idx.astype(np.int64)))
         if (i + 1) % 5 == 0 or i + 1 == len(tiles):
-            log(f"[finetune] features of {i + 1}/{len(tiles)} tiles ({features}, {xs[0].shape[1]} per pixel), "
+            log(f"[finetune] features of {i + 1}/{len(tiles)} tiles ({spec.features}, {xs[0].shape[1]} per pixel), "
                 f"{time.perf_counter() - t0:.0f} s")
     return TileSet(list(tiles), torch.cat(xs), torch.cat(ins), torch.cat(ys), torch.cat(ts), torch.cat(ps))
 
