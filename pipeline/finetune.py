@@ -1,20 +1,28 @@
-"""Fine-tuning a segmentation head on labelled cube tiles, with validation mIoU on held-out tiles.
+"""Fine-tuning a land-cover (or flood) head on labelled cube tiles, scored on held-out tiles.
 
-The cube is read through the Ray Data datasource (windows of ``window`` Sentinel pixels, labels reprojected
-onto the cube grid by ``pipeline.labels``); the encoder (a SkySense checkpoint) is frozen by default, so the
-features of a batch are computed without gradient and only the head learns. Heads, on F_fus (B, 2D, h, w) at
-the 10 m grid:
+The recipe (:func:`finetune`), as short named phases:
 
-* ``linear``: a 1x1 convolution (the linear probe);
-* ``upernet``: ``skysense_core.heads.UPerHead`` on the single grid level (PPM + FPN convolutions).
+1. split (:func:`split_for_finetune`): every ``val_every``-th tile of the sorted done tiles is held out for
+   testing, every ``select_every``-th remaining tile only chooses the best step;
+2. train the model's parts (``train`` = ``fusion`` | ``all`` only: :func:`run_finetune_train`, on Ray Train);
+3. features (:func:`extract_features`): the frozen encoder runs once over every tile with the inference window
+   plan and the per-pixel feature stack (``skysense_core.pixel_features``: ``fused``, ``dates``, ``dates+input``)
+   of each tile core is cached with the raw-input features and the labels; training tiles are sampled to
+   ``pixels_per_tile`` labelled pixels, so every step mixes all of them;
+4. head (:func:`train_head`): ``skysense_core.heads.PixelHead`` (linear or MLP) with the training standardisation
+   folded in, class-balanced cross-entropy (:func:`class_weights`), full-batch L-BFGS or AdamW minibatches,
+   evaluated every ``eval_every`` steps on the selection tiles, the best kept;
+5. score the held-out tiles; write ``head.safetensors`` and ``metrics.json``.
 
-Tiles are split deterministically: every ``val_every``-th tile of the sorted done tiles is held out.
+``until_doy`` makes an as-of head (a flood map on its event date): no date after that day of year is used, in
+fine-tuning and, from the head's metadata, at inference.
 
 ``head.safetensors`` describes itself (:func:`read_head_info`), so that inference (``jobs/infer.py --task
 landcover``) needs nothing else: metadata ``format`` = :data:`HEAD_FORMAT`, ``head`` (kind), ``num_classes``,
 ``in_dim``, ``channels``, ``encoder`` (absolute path of the encoder checkpoint), ``encoder_sha256``, ``preset``
 (the encoder's preset name), ``class_names`` (JSON {value: name}) and ``colormap`` (JSON {value: [r, g, b, a]},
-from the label raster's tags and colour table; ``{}`` when it has none), ``window``, ``labels``.
+from the label raster's tags and colour table; ``{}`` when it has none), ``window``, ``labels``, ``features``,
+``hidden``, ``train``, ``until_doy``. Heads written as a bare ``Conv2d`` (format 1) still load as linear heads.
 """
 
 from __future__ import annotations
