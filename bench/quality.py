@@ -121,7 +121,8 @@ def main(argv=None) -> int:
         feature_s = time.perf_counter() - t0
         cached[weights] = sets
         for features in ("dates+input", "dates"):
-            k = sets["train"].x.shape[1] - (0 if features == "dates+input" else sets["train"].inputs.shape[1])
+            # the cache is of 'dates+input': the 'dates' head reads its model columns only
+            k = sets["train"].model_width("dates+input") if features == "dates" else sets["train"].x.shape[1]
             view = {n: dataclasses.replace(ts, x=ts.x[:, :k]) for n, ts in sets.items()}
             head, rec = train_head(dataclasses.replace(cfg, features=features), view["train"], view["select"],
                                    num_classes, k, log=lambda s: print(s, file=sys.stderr))

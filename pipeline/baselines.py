@@ -50,7 +50,8 @@ def otsu_baseline(cube: str, labels: str, tiles, until_doy: int | None = None, n
     import torch
 
     from pipeline import zarr_cube
-    from pipeline.finetune import confusion, scores, until
+    from pipeline.datasource import until
+    from pipeline.finetune import confusion, scores
     from pipeline.flood import NODATA as FLOOD_NODATA
     from pipeline.flood import otsu_flood
     from pipeline.inference import read_tiles_local

@@ -420,6 +420,18 @@ def quiet_data_context(progress_bars: bool = False) -> None:
         ctx.custom_execution_callback_classes.append(IdleBackoff)
 
 
+def until(batch: Mapping[str, np.ndarray], until_doy: int | None) -> dict[str, np.ndarray]:
+    """A cube batch whose dates after ``until_doy`` (day of year) are marked invalid: what an as-of product (a
+    flood map on the event date) may use. The cube's series is one calendar year, so day order is time order."""
+    out = dict(batch)
+    if until_doy is None:
+        return out
+    for m in MODALITIES:
+        if f"{m}_valid" in out:
+            out[f"{m}_valid"] = np.asarray(out[f"{m}_valid"]) & (np.asarray(out[f"{m}_doy"]) <= until_doy)
+    return out
+
+
 def read_cube(
     cube: str | Path,
     *,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,10 +43,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.datasource import done_tiles, rows_to_input
+from pipeline.datasource import done_tiles, rows_to_input, until
 from pipeline.labels import NODATA, label_classes, open_label_raster
-from skysense_core.checkpoint import load_checkpoint
 from skysense_core.heads import PixelHead, UPerHead
+from skysense_core.losses import inverse_sqrt_frequency_weights
 
 HEADS = ("mlp", "linear")
 TRAIN_PARTS = ("head", "fusion", "all")
@@ -267,21 +266,10 @@ def iou_from_confusion(cm: torch.Tensor) -> list[float | None]:
     return [None if u == 0 else float(t / u) for t, u in zip(tp, union, strict=True)]
 
 
-def _lr_at(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up then cosine decay to 0, as a factor of the base learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def class_weights(counts: np.ndarray) -> np.ndarray:
-    """Loss weight per class from its pixel counts: inverse square-root frequency [ours], scaled so that the
-    average pixel weighs 1; 0 for a class without pixels. Full inverse frequency over-predicts the rare classes
-    (water, bare, built-up are 0.6-5 % of the demo's pixels); the square root balances without that."""
-    counts = np.asarray(counts, np.float64)
-    freq = counts / max(counts.sum(), 1)
-    w = np.where(counts > 0, 1 / np.sqrt(np.maximum(freq, 1e-12)), 0.0)
-    return (w / max((freq * w).sum(), 1e-12)).astype(np.float32)
+    """Loss weight per class from its pixel counts (``skysense_core.losses.inverse_sqrt_frequency_weights``, the
+    weights ``SegmentationFinetuner`` trains with too), as float32 numpy."""
+    return inverse_sqrt_frequency_weights(torch.as_tensor(np.asarray(counts))).numpy()
 
 
 @dataclass
@@ -298,21 +286,13 @@ class TileSet:
     tile: torch.Tensor
     pixel: torch.Tensor
 
+    def model_width(self, features: str) -> int:
+        """How many leading columns of ``x`` the model makes (``dates+input`` ends with the input's columns)."""
+        return self.x.shape[1] - (self.inputs.shape[1] if features == "dates+input" else 0)
+
     @classmethod
     def empty(cls, like: TileSet) -> TileSet:
         return cls([], like.x[:0], like.inputs[:0], like.y[:0], like.tile[:0], like.pixel[:0])
-
-
-def until(batch: Mapping[str, np.ndarray], until_doy: int | None) -> dict[str, np.ndarray]:
-    """A cube batch whose dates after ``until_doy`` (day of year) are marked invalid: what an as-of product (a
-    flood map on the event date) may use. The cube's series is one calendar year, so day order is time order."""
-    out = dict(batch)
-    if until_doy is None:
-        return out
-    for m in ("hr", "s2", "s1"):
-        if f"{m}_valid" in out:
-            out[f"{m}_valid"] = np.asarray(out[f"{m}_valid"]) & (np.asarray(out[f"{m}_doy"]) <= until_doy)
-    return out
 
 
 def extract_features(cube: str, labels: str, encoder: str, tiles: Sequence[str], features: str,
@@ -322,7 +302,7 @@ def extract_features(cube: str, labels: str, encoder: str, tiles: Sequence[str],
     plan (``pipeline.inference``: the same windows, margin and blending as ``jobs/infer.py``, so the head trains on
     exactly what it will see), with the raw-input features and the labels on the 10 m grid. ``sample``: keep at
     most this many random labelled pixels per tile (training); None keeps every labelled pixel (evaluation).
-    ``until_doy``: dates after this day of year are left out (:func:`until`)."""
+    ``until_doy``: dates after this day of year are left out (``pipeline.datasource.until``)."""
     from pipeline.inference import TilePredictor, feature_spec
 
     spec = feature_spec(cube, encoder, features, threads=threads)
@@ -422,7 +402,9 @@ def train_head(cfg: FinetuneConfig, train: TileSet, select: TileSet, num_classes
                                 line_search_fn="strong_wolfe")
     elif cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, cfg.warmup, cfg.steps))
+        from pipeline.training import lr_lambda
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}: lbfgs or adamw")
     best = {"miou": -1.0, "step": 0}
@@ -476,9 +458,10 @@ def run_finetune_train(cfg: FinetuneConfig, train_tiles: list[str], num_classes:
     pretraining runs, with ``skysense_core.segmentation.SegmentationFinetuner`` as the objective, on windows of
     ``window`` px of the training tiles only, shuffled across tiles. The run lives in ``out/model``; returns its
     exported weights and a record for the metrics."""
+    from pipeline.inference import encoder_config
     from pipeline.training import PretrainJobConfig, run_pretraining
 
-    preset = load_checkpoint(cfg.checkpoint)[0].cfg.name
+    preset = encoder_config(cfg.checkpoint)[0].name
     job = PretrainJobConfig(
         cube=cfg.cube, preset=preset, stage=2, objective="segment", train_parts=cfg.train, features=cfg.features,
         steps=cfg.model_steps, batch_size=max(cfg.model_batch, cfg.workers), workers=cfg.workers, gpu=cfg.gpu,
@@ -521,7 +504,10 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[d
     record: dict = {}
     if cfg.train != "head":  # train the model's parts on Ray Train, then fit the head on its features here
         encoder, record = run_finetune_train(cfg, train_tiles, num_classes, log=log)
-    _, _, meta = load_checkpoint(encoder)
+    from pipeline.inference import encoder_config
+
+    mcfg, raw_meta = encoder_config(encoder)  # metadata only: the feature pass loads the weights itself
+    meta = json.loads(raw_meta.get("meta") or "{}")
     seconds = {}
     t0 = time.perf_counter()
     feats = {}
@@ -538,7 +524,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[d
         for ts in feats.values():
             if ts is None:
                 continue
-            k = ts.x.shape[1] - (ts.inputs.shape[1] if cfg.features == "dates+input" else 0)  # model part
+            k = ts.model_width(cfg.features)
             ts.x = torch.cat([torch.randn(ts.x.shape[0], k, generator=g), ts.x[:, k:]], 1)
     select = feats["select"] or TileSet.empty(feats["train"])
     in_dim = feats["train"].x.shape[1]
@@ -560,7 +546,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[d
         "train_pixels": int(len(feats["train"].y)), "seconds": seconds, **rec, **record, "config": asdict(cfg),
     }
     save_head(out / HEAD_FILE, head, kind=cfg.head, num_classes=num_classes, in_dim=in_dim,
-              channels=0, encoder=encoder, preset=load_checkpoint(encoder)[0].cfg.name,
+              channels=0, encoder=encoder, preset=mcfg.name,
               class_names={i: n for i, n in enumerate(cfg.class_names)} or legend_names, colormap=legend_colors,
               window=cfg.window, labels=str(Path(cfg.labels).resolve()), features=cfg.features,
               hidden=cfg.hidden if cfg.head == "mlp" else 0, train=cfg.train, until_doy=cfg.until_doy)

@@ -78,7 +78,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import zarr_cube
-from pipeline.datasource import MODALITIES, CubeDatasource, quiet_data_context, rows_to_input, window_origins
+from pipeline.datasource import (
+    CubeDatasource,
+    quiet_data_context,
+    rows_to_input,
+    until,
+    window_origins,
+)
 from pipeline.grid import parse_tile_id, utm_epsg, utm_zone
 from pipeline.labels import NODATA
 
@@ -384,6 +390,21 @@ class PredictorSpec:
         return [(y, x, hy, wx) for y, hy in spans for x, wx in spans]
 
 
+def cube_modalities(ccfg) -> list[str]:
+    """The modalities a cube holds (those with date slots), in :data:`MODALITIES` order."""
+    return [m for m, t in (("hr", ccfg.t_hr), ("s2", ccfg.t_s2), ("s1", ccfg.t_s1)) if t > 0]
+
+
+def default_window_plan(task: str, preset: str, grid, window: int | None = None) -> tuple[int, int, int]:
+    """(window, overlap, margin) in S2 px by default: ``window`` if given, else :data:`PRESET_WINDOW` (few-shot:
+    :data:`DEFAULT_WINDOW`) within the tile sample; :data:`DEFAULT_OVERLAP` where the window is wide enough;
+    :data:`DEFAULT_MARGIN` within the halo."""
+    if window is None:
+        window = DEFAULT_WINDOW if task == "fewshot" else PRESET_WINDOW.get(preset, DEFAULT_WINDOW)
+        window = min(window, grid.size_px // 4 * 4)
+    return window, DEFAULT_OVERLAP if window >= 2 * DEFAULT_OVERLAP else 0, min(DEFAULT_MARGIN, grid.halo_px)
+
+
 def feature_spec(cube: str | Path, encoder: str | Path, features: str = "fused", threads: int | None = None,
                  batch_size: int = 4) -> PredictorSpec:
     """The :class:`PredictorSpec` of an embeddings run of ``features`` over ``cube`` with the default window plan
@@ -391,14 +412,12 @@ def feature_spec(cube: str | Path, encoder: str | Path, features: str = "fused",
     computes)."""
     ccfg = zarr_cube.cube_config(zarr_cube.open_cube(str(cube)))
     mcfg, _ = encoder_config(encoder)
-    cube_mods = [m for m, t in (("hr", ccfg.t_hr), ("s2", ccfg.t_s2), ("s1", ccfg.t_s1)) if t > 0]
-    mods = tuple(m for m in MODALITIES if m in mcfg.modalities and m in cube_mods)
-    size, halo, tile_px = ccfg.grid.size_px, ccfg.grid.halo_px, ccfg.grid.tile_px
-    window = min(PRESET_WINDOW.get(mcfg.name, DEFAULT_WINDOW), size // 4 * 4)
-    return PredictorSpec(task="embeddings", encoder=str(encoder), head=None, window=window,
-                         overlap=DEFAULT_OVERLAP if window >= 2 * DEFAULT_OVERLAP else 0, batch_size=batch_size,
-                         size=size, core=(halo, tile_px), hr_ratio=ccfg.hr_ratio, modalities=mods, num_classes=None,
-                         threads=threads or os.cpu_count(), margin=min(DEFAULT_MARGIN, halo), features=features)
+    mods = tuple(m for m in cube_modalities(ccfg) if m in mcfg.modalities)
+    window, overlap, margin = default_window_plan("embeddings", mcfg.name, ccfg.grid)
+    return PredictorSpec(task="embeddings", encoder=str(encoder), head=None, window=window, overlap=overlap,
+                         batch_size=batch_size, size=ccfg.grid.size_px, core=(ccfg.grid.halo_px, ccfg.grid.tile_px),
+                         hr_ratio=ccfg.hr_ratio, modalities=mods, num_classes=None,
+                         threads=threads or os.cpu_count(), margin=margin, features=features)
 
 
 class TilePredictor:
@@ -498,8 +517,6 @@ class TilePredictor:
         self._load()
         s = self.spec
         if s.until_doy is not None:
-            from pipeline.finetune import until
-
             rows = [until(r, s.until_doy) for r in rows]
         plan = s.windows()
         c0, n = s.core
@@ -950,8 +967,8 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
 
     encoder, head = resolve_checkpoint(cfg.checkpoint, cfg.task)
     mcfg, _ = encoder_config(encoder)
-    cube_mods = [m for m, t in (("hr", ccfg.t_hr), ("s2", ccfg.t_s2), ("s1", ccfg.t_s1)) if t > 0]
-    mods = [m for m in MODALITIES if m in mcfg.modalities and m in cube_mods]
+    cube_mods = cube_modalities(ccfg)
+    mods = [m for m in cube_mods if m in mcfg.modalities]
     if not mods:
         raise ValueError(f"the checkpoint {encoder} (modalities {list(mcfg.modalities)}) shares no modality with "
                          f"the cube {cube} ({cube_mods})")
@@ -976,13 +993,9 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
             raise ValueError(f"the encoder {encoder} changed since the head {head.path} was trained on it "
                              f"(sha256 {sha[:12]}..., the head records {head.encoder_sha256[:12]}...)")
 
-    if cfg.window is None:
-        window = DEFAULT_WINDOW if cfg.task == "fewshot" else PRESET_WINDOW.get(mcfg.name, DEFAULT_WINDOW)
-        window = min(window, size // 4 * 4)
-    else:
-        window = cfg.window
-    overlap = (DEFAULT_OVERLAP if window >= 2 * DEFAULT_OVERLAP else 0) if cfg.overlap is None else cfg.overlap
-    margin = min(DEFAULT_MARGIN, halo) if cfg.margin is None else cfg.margin
+    window, overlap, margin = default_window_plan(cfg.task, mcfg.name, ccfg.grid, cfg.window)
+    overlap = overlap if cfg.overlap is None else cfg.overlap
+    margin = margin if cfg.margin is None else cfg.margin
     if not 0 <= margin <= halo:
         raise ValueError(f"--margin must be between 0 and the cube's halo ({halo} px), got {margin}")
     if window < 4 or window % mcfg.vit_patch_size or window > size:

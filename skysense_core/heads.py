@@ -320,8 +320,7 @@ class PixelHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F, h, w) -> (B, K, h, w)."""
-        b, _, h, w = x.shape
-        return self.forward_pixels(x.permute(0, 2, 3, 1).reshape(b * h * w, -1)).view(b, h, w, -1).permute(0, 3, 1, 2)
+        return self.forward_parts([x])
 
     def forward_parts(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """The same as ``forward(torch.cat(parts, 1))`` without building the concatenation: each part

@@ -10,9 +10,10 @@ What trains (``train``):
 
 The per-pixel features (``skysense_core.pixel_features``) go through a batch standardisation (``BatchNorm1d``
 without affine parameters over the labelled pixels: the feature stack mixes scales) into a linear classifier,
-trained with the class-balanced cross-entropy over the batch's classes. This head is a training device [ours]:
-the head a run hands to inference is fitted afterwards on the trained model's cached features
-(``pipeline.finetune``), as for a frozen encoder.
+trained with cross-entropy weighted by the batch's inverse square-root class frequencies
+(``skysense_core.losses.inverse_sqrt_frequency_weights``, as the head that inference gets). This head is a
+training device [ours]: the head a run hands to inference is fitted afterwards on the trained model's cached
+features (``pipeline.finetune``), as for a frozen encoder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skysense_core.losses import inverse_sqrt_frequency_weights
 from skysense_core.model import SkySense
 from skysense_core.pixel_features import feature_dim, pixel_features
 
@@ -70,9 +72,8 @@ class SegmentationFinetuner(nn.Module):
             loss = sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
             return loss, {"loss": 0.0, "loss/segment": 0.0}
         x, y = x[ok], y[ok]
-        counts = torch.bincount(y, minlength=self.num_classes).float()
-        weight = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts)).sqrt()
+        weight = inverse_sqrt_frequency_weights(torch.bincount(y, minlength=self.num_classes))
         logits = self.classifier(self.norm(x))
-        loss = F.cross_entropy(logits, y, weight=weight / (weight * counts).sum() * counts.sum())
+        loss = F.cross_entropy(logits, y, weight=weight.to(logits.dtype))
         acc = float((logits.argmax(1) == y).float().mean())
         return loss, {"loss": float(loss.detach()), "loss/segment": float(loss.detach()), "pixel_accuracy": acc}

@@ -154,7 +154,7 @@ def test_job_rejects_bad_input(tmp_path):
 
 def test_until_drops_the_dates_after_the_event():
     """An as-of product (the flood of an event date) sees nothing observed later."""
-    from pipeline.finetune import until
+    from pipeline.datasource import until
 
     batch = {"s1_valid": np.array([[True, True, True, False]]), "s1_doy": np.array([[100, 296, 320, 0]]),
              "s2_valid": np.array([[True, True]]), "s2_doy": np.array([[290, 297]]), "s1": np.zeros((1, 4, 2, 2, 2))}
