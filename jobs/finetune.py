@@ -8,12 +8,13 @@ baseline.
 The recipe (pipeline.finetune): every 4th tile (sorted ids) is held out for testing and every 6th remaining tile
 chooses the best step; the frozen encoder's per-pixel features are computed once with the inference window plan
 and cached; the head (standardisation folded in, class-balanced loss) trains on pixels drawn across all training
-tiles. ``--train fusion|all`` first trains those parts of the model on Ray Train (``--workers``, ``--gpu``,
-``--model-steps``; checkpoints in DIR/model, a re-submitted job resumes there), then fits the head on the trained
-model's features. Labels are any categorical raster (class ids, 255 = nodata), reprojected
-onto the cube grid. Writes DIR/head.safetensors, DIR/metrics.json and DIR/baseline.json and prints one JSON line:
-the model's held-out mIoU and per-class IoU, the baseline's, and the seconds. Exit codes: 0 done, 1 failed,
-2 bad input.
+tiles. ``--train fusion`` first trains the fusion and date encoding on the frozen encoders' outputs, computed
+once per tile and cached (``--model-steps``, ``--batch-size`` pixels per step, ``--gpu``); ``--train all`` trains
+the whole model on Ray Train (``--workers``, ``--gpu``, ``--model-steps``; checkpoints in DIR/model, a
+re-submitted job resumes there); either then fits the head on the trained model's features. Labels are any
+categorical raster (class ids, 255 = nodata), reprojected onto the cube grid. Writes DIR/head.safetensors,
+DIR/metrics.json and DIR/baseline.json and prints one JSON line: the model's held-out mIoU and per-class IoU,
+the baseline's, and the seconds. Exit codes: 0 done, 1 failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -49,18 +50,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)  # old name of --steps
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between model-selection checks")
     p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="adamw: pixels per step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="adamw, and --train fusion: pixels per step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--pixels-per-tile", type=int, default=d.pixels_per_tile,
                    help="labelled pixels sampled from each training tile")
-    p.add_argument("--window", type=int, default=d.window, help="fusion / all: training window in 10 m pixels")
+    p.add_argument("--window", type=int, default=d.window, help="--train all: training window in 10 m pixels")
     p.add_argument("--val-every", type=int, default=d.val_every, help="hold out every N-th tile for testing")
     p.add_argument("--select-every", type=int, default=d.select_every,
                    help="every N-th remaining tile chooses the best step")
-    p.add_argument("--workers", type=int, default=d.workers, help="fusion / all: Ray Train workers")
-    p.add_argument("--gpu", action="store_true", help="fusion / all: one GPU per worker")
-    p.add_argument("--model-steps", type=int, default=FinetuneConfig.model_steps, help="fusion / all: Ray Train steps")
+    p.add_argument("--workers", type=int, default=d.workers, help="--train all: Ray Train workers")
+    p.add_argument("--gpu", action="store_true", help="fusion: train on this process's GPU; all: one GPU per worker")
+    p.add_argument("--model-steps", type=int, default=FinetuneConfig.model_steps,
+                   help="fusion / all: optimiser steps on the model's parts")
     p.add_argument("--model-batch", type=int, default=FinetuneConfig.model_batch,
                    help="fusion / all: global batch of windows")
     p.add_argument("--model-lr", type=float, default=FinetuneConfig.model_lr, help="fusion / all: peak learning rate")

@@ -4,7 +4,9 @@ The recipe (:func:`finetune`), as short named phases:
 
 1. split (:func:`split_for_finetune`): every ``val_every``-th tile of the sorted done tiles is held out for
    testing, every ``select_every``-th remaining tile only chooses the best step;
-2. train the model's parts (``train`` = ``fusion`` | ``all`` only: :func:`run_finetune_train`, on Ray Train);
+2. train the model's parts: ``train="fusion"`` trains the fusion and the date encoding on the frozen encoders'
+   outputs, computed once per tile and cached (``pipeline.finetune_fusion``); ``train="all"`` trains the whole
+   model on Ray Train (:func:`run_finetune_train`: DDP workers, checkpoints, resume);
 3. features (:func:`extract_features`): the frozen encoder runs once over every tile with the inference window
    plan and the per-pixel feature stack (``skysense_core.pixel_features``: ``fused``, ``dates``, ``dates+input``)
    of each tile core is cached with the raw-input features and the labels; training tiles are sampled to
@@ -84,10 +86,10 @@ class FinetuneConfig:
     noise_features: bool = False  # test hook: the model's features replaced by Gaussian noise (inputs kept)
     threads: int | None = None  # torch threads of the feature pass (None: all cores)
     until_doy: int | None = None  # an as-of product (floods): dates after this day of year are not used
-    workers: int = 1  # fusion / all: Ray Train workers
-    gpu: bool = False
-    model_steps: int = 100  # fusion / all: Ray Train steps on the model's parts [ours]
-    model_batch: int = 4  # fusion / all: global batch of windows
+    workers: int = 1  # all: Ray Train workers
+    gpu: bool = False  # fusion / all: train on CUDA
+    model_steps: int = 100  # fusion / all: steps on the model's parts [ours]
+    model_batch: int = 4  # all: global batch of windows (fusion: batch_size pixels per step)
     model_lr: float = 1e-4  # fusion / all: peak AdamW learning rate of the trained parts [ours]
     write_pids: bool = False  # test hook of the Ray Train run
     epochs: int | None = None  # legacy: ignored (``steps`` counts the budget)
@@ -487,8 +489,8 @@ def split_for_finetune(cube: str, cfg: FinetuneConfig) -> tuple[list[str], list[
 
 def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict:
     """Fine-tune as ``cfg`` says and score the held-out tiles; writes ``head.safetensors`` and ``metrics.json``
-    to ``cfg.out`` and returns the metrics. ``train="head"`` runs here (features cached once);
-    ``"fusion"`` / ``"all"`` run on Ray Train first (:func:`run_finetune_train`)."""
+    to ``cfg.out`` and returns the metrics. ``train="head"`` and ``"fusion"`` run here (frozen encoders' outputs
+    cached once); ``"all"`` runs on Ray Train first (:func:`run_finetune_train`)."""
     return finetune(cfg, log)[0]
 
 
@@ -502,7 +504,11 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[d
     num_classes = cfg.num_classes or label_classes(cfg.labels)
     encoder = cfg.checkpoint
     record: dict = {}
-    if cfg.train != "head":  # train the model's parts on Ray Train, then fit the head on its features here
+    if cfg.train == "fusion":  # the fusion on cached encoder outputs, then the head on the new model's features
+        from pipeline.finetune_fusion import run_fusion_finetune
+
+        encoder, record = run_fusion_finetune(cfg, train_tiles, select_tiles, num_classes, log=log)
+    elif cfg.train == "all":  # the whole model on Ray Train, then the head on its features
         encoder, record = run_finetune_train(cfg, train_tiles, num_classes, log=log)
     from pipeline.inference import encoder_config
 

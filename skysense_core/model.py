@@ -86,6 +86,23 @@ class SkySenseOutput:
         return self.fused_mm if self.geo is None else torch.cat([self.fused_mm, self.geo], dim=1)
 
 
+@dataclass
+class Encoded:
+    """What :meth:`SkySense.encode` makes (the encoders and the completion), before the date encoding and fusion:
+    ``tokens``, ``keep``, ``summary``, ``pyramid``, ``completion`` as in :class:`SkySenseOutput`; ``doys`` m ->
+    (B, T_m) or (B, T_m, h, w) day of year of each token (0 for completed tokens); ``semantic``: label tokens
+    were fed."""
+
+    tokens: dict[str, torch.Tensor]
+    keep: dict[str, torch.Tensor]
+    doys: dict[str, torch.Tensor]
+    summary: dict[str, torch.Tensor]
+    pyramid: list[torch.Tensor] | None
+    completion: CompletionOutput | None
+    semantic: bool
+    extras: dict
+
+
 def _masked_mean(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """(B, T, C, h, w), (B, T, h, w) -> (B, C, h, w); 0 where nothing is kept."""
     w = keep.unsqueeze(2).to(tokens.dtype)
@@ -217,6 +234,13 @@ class SkySense(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     def forward(self, batch: SkySenseInput, semantic: SemanticInput | None = None, geo: bool = True) -> SkySenseOutput:
+        """Encode every date of every modality, complete missing modalities, fuse each location's dates (module
+        docstring). ``geo``: attend to the geo-context prototypes (needs ``batch.lat`` / ``batch.lon``)."""
+        return self.fuse(self.encode(batch, semantic), batch, geo)
+
+    def encode(self, batch: SkySenseInput, semantic: SemanticInput | None = None) -> Encoded:
+        """The encoders and the modality completion: everything before the date encoding and the fusion (what a
+        fine-tuning that trains only the fusion computes once, ``pipeline.finetune``)."""
         cfg = self.cfg
         unknown = set(batch.modalities) - set(cfg.modalities)
         if unknown:
@@ -241,39 +265,65 @@ class SkySense(nn.Module):
         completion, summary = None, {}
         if self.modality_vae is not None:
             completion, summary = self._complete(tokens, keep, doys, present, bsz, grid, extras)
+        return Encoded(tokens, keep, doys, summary, pyramid, completion, semantic is not None, extras)
 
+    def fusion_sequence(self, enc: Encoded, dated: bool = True):
+        """Each location's fusion input, in the fusion's layout: tokens (B, h, w, L, C) in :data:`MODALITIES`
+        order and keep (B, h, w, L) bool. ``dated``: the day-of-year encoding is added to the dated modalities'
+        tokens and the third value is None; otherwise the tokens are returned bare with their day of year
+        (B, h, w, L) int64 (0: no date encoding), which :meth:`fuse_sequence` adds: the two agree exactly.
+        One strided copy per modality instead of a concatenation and a permutation of the whole stack."""
+        cfg, tokens = self.cfg, enc.tokens
         order = [m for m in MODALITIES if m in tokens]
-        # One sequence per location, written straight into the fusion's (B, h, w, L, C) layout: one strided copy
-        # per modality instead of a concatenation and a permutation of the whole (B, L, C, h, w) stack.
         ref = tokens[order[0]]
         b, _, c, h, w = ref.shape
         n_tok = sum(tokens[m].shape[1] for m in order)
         seq = ref.new_empty((b, h, w, n_tok, c))
         seq_keep = torch.empty((b, h, w, n_tok), dtype=torch.bool, device=ref.device)
+        seq_doy = None if dated else torch.zeros((b, h, w, n_tok), dtype=torch.long, device=ref.device)
         off = 0
         for m in order:
             tok, t = tokens[m], tokens[m].shape[1]
             dst = seq[:, :, :, off:off + t]
             dst.copy_(tok.permute(0, 3, 4, 1, 2))
             if m in cfg.doy_modalities:
-                pe = self.ctpe[0, doy_index(doys[m], cfg.doy_entries)]  # (B, T, C) or (B, T, h, w, C)
-                pe = pe * (doys[m] > 0).unsqueeze(-1).to(pe.dtype)  # completed tokens carry no date
-                dst += (pe[:, None, None] if pe.dim() == 3 else pe.permute(0, 2, 3, 1, 4)).to(seq.dtype)
-            seq_keep[:, :, :, off:off + t] = keep[m].permute(0, 2, 3, 1)
+                d = enc.doys[m]  # (B, T) or per pixel (B, T, h, w)
+                if not dated:
+                    seq_doy[:, :, :, off:off + t] = d[:, None, None] if d.dim() == 2 else d.permute(0, 2, 3, 1)
+                else:
+                    pe = self.date_encoding(d)  # (B, T, C) or (B, T, h, w, C)
+                    dst += (pe[:, None, None] if pe.dim() == 3 else pe.permute(0, 2, 3, 1, 4)).to(seq.dtype)
+            seq_keep[:, :, :, off:off + t] = enc.keep[m].permute(0, 2, 3, 1)
             off += t
-        seq = seq.view(b * h * w, n_tok, c)
-        seq_keep = seq_keep.view(b * h * w, n_tok)
-        fused_mm = self.fusion(seq, seq_keep).view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        return seq, seq_keep, seq_doy
 
+    def date_encoding(self, doy: torch.Tensor) -> torch.Tensor:
+        """The day-of-year encoding of tokens dated ``doy`` (any shape, int64): (*doy.shape, C); zero for day 0
+        (completed tokens and padding carry no date)."""
+        pe = self.ctpe[0, doy_index(doy, self.cfg.doy_entries)]
+        return pe * (doy > 0).unsqueeze(-1).to(pe.dtype)
+
+    def fuse_sequence(self, seq: torch.Tensor, keep: torch.Tensor, doy: torch.Tensor) -> torch.Tensor:
+        """F_fus^mm (N, D) of N locations' bare fusion inputs (:meth:`fusion_sequence` with ``dated=False``):
+        seq (N, L, C), keep (N, L) bool, doy (N, L) int64."""
+        return self.fusion(seq + self.date_encoding(doy).to(seq.dtype), keep)
+
+    def fuse(self, enc: Encoded, batch: SkySenseInput, geo: bool = True) -> SkySenseOutput:
+        """The date encoding, the fusion of every location's tokens and the geo-context of :meth:`encode`'s
+        output (``batch`` for the tile centres)."""
+        seq, seq_keep, _ = self.fusion_sequence(enc)
+        b, h, w, n_tok, c = seq.shape
+        fused_mm = self.fusion(seq.view(b * h * w, n_tok, c), seq_keep.view(b * h * w, n_tok))
+        fused_mm = fused_mm.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
         geo_feat = None
         if self.glbank is not None and geo:
             if batch.lat is None or batch.lon is None:
                 raise ValueError("geo-context needs the tile centre: set batch.lat / batch.lon, or pass geo=False")
             geo_feat = self.glbank(fused_mm, batch.lat, batch.lon)
         return SkySenseOutput(
-            tokens=tokens, keep=keep, completed_summary=summary, fused_mm=fused_mm, hr_pyramid=pyramid,
-            completion=completion, geo=geo_feat, semantic_on_hr=semantic is not None and pyramid is not None,
-            extras=extras,
+            tokens=enc.tokens, keep=enc.keep, completed_summary=enc.summary, fused_mm=fused_mm,
+            hr_pyramid=enc.pyramid, completion=enc.completion, geo=geo_feat,
+            semantic_on_hr=enc.semantic and enc.pyramid is not None, extras=enc.extras,
         )
 
     def _complete(self, tokens, keep, doys, present, bsz, grid, extras) -> tuple[CompletionOutput | None, dict]:

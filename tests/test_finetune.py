@@ -145,11 +145,44 @@ def test_infer_applies_the_head_as_validation_did(labelled_cube, finetuned, ray_
     assert agree >= 0.999, agree
 
 
+def test_fusion_trains_on_cached_encoder_outputs(labelled_cube):
+    """--train fusion: the encoders run once per tile (their outputs cached), the fusion and date encoding are
+    trained on pixels of every training tile, only they change in the written model, and the head is fitted on
+    and scored with that model's features."""
+    from pipeline.finetune_fusion import cache_sequences
+    from pipeline.inference import feature_spec
+    from skysense_core.checkpoint import load_checkpoint, read_checkpoint
+
+    out = labelled_cube["tmp"] / "run-fusion"
+    cfg = _cfg(labelled_cube, out=str(out), train="fusion", model_steps=6, batch_size=256, pixels_per_tile=512,
+               steps=10)
+    metrics = run_finetune(cfg, log=lambda s: None)
+    model_path = out / "model" / "model.safetensors"
+    assert metrics["train"] == "fusion" and metrics["encoder"] == str(model_path.resolve())
+    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["model_cached_pixels"] > 0
+    assert [c["step"] for c in metrics["model_curve"]][-1] == 6
+    trained, before = read_checkpoint(model_path)[1]["model"], read_checkpoint(cfg.checkpoint)[1]["model"]
+    changed = {k.split(".")[0] for k in trained if not torch.equal(trained[k], before[k])}
+    assert changed == {"fusion", "ctpe"}, changed
+    assert read_head_info(out).encoder == str(model_path.resolve()) and read_head_info(out).train == "fusion"
+
+    # the cache holds what the model computes: a cached pixel's F_fus is the full forward's at that pixel
+    model = load_checkpoint(model_path)[0].eval()
+    spec = feature_spec(cfg.cube, model_path, "fused")
+    tile = metrics["train_tiles"][0]
+    cached = cache_sequences(model, cfg.cube, cfg.labels, [tile], spec, "fused", sample=64, log=lambda s: None)
+    from skysense_core.segmentation import CachedFusionFinetuner
+
+    probe = CachedFusionFinetuner(model, 9, 0).eval()
+    with torch.inference_mode():
+        feats = probe.features(*cached.inputs(slice(None), torch.device("cpu")))
+    assert feats.shape == (64, 2 * model.cfg.fusion_dim) and torch.isfinite(feats).all()
+
+
 def test_job_rejects_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "jobs/finetune.py", "--cube", str(tmp_path / "nope.zarr"), "--labels", "x",
                         "--checkpoint", "y", "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr
-
 
 
 def test_until_drops_the_dates_after_the_event():

@@ -223,3 +223,28 @@ def test_bf16_autocast_runs(tiny):
         ref = tiny(batch).fused
     # bf16 keeps ~3 significant digits; the fused features agree to that
     assert torch.nn.functional.cosine_similarity(out.fused.float().flatten(), ref.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("subset", [("hr", "s2", "s1"), ("s2",)], ids=["all", "s2-completed"])
+def test_fusion_on_bare_sequences_equals_the_forward(tiny, subset):
+    """The cached fine-tuning path (``fusion_sequence(dated=False)`` then ``fuse_sequence`` per pixel, with the
+    geo-context of ``CachedFusionFinetuner``) gives the forward's F_fus exactly, completed modalities included."""
+    from skysense_core.segmentation import CachedFusionFinetuner
+
+    batch = make_batch(subset, batch=2, grid=8, hr_ratio=tiny.cfg.hr_ratio)
+    with torch.no_grad():
+        out = tiny(batch)
+        enc = tiny.encode(batch)
+        seq, keep, doy = tiny.fusion_sequence(enc, dated=False)
+        assert doy is not None and bool((doy > 0).any())
+        b, h, w, n_tok, c = seq.shape
+        fused = tiny.fuse_sequence(seq.view(-1, n_tok, c), keep.view(-1, n_tok), doy.view(-1, n_tok))
+        assert torch.equal(fused.view(b, h, w, -1).permute(0, 3, 1, 2), out.fused_mm)
+        probe = CachedFusionFinetuner(tiny, num_classes=3, frozen_dim=0).eval()
+        lat = batch.lat[:, None].expand(b, h * w).reshape(-1)
+        lon = batch.lon[:, None].expand(b, h * w).reshape(-1)
+        feats = probe.features(seq.view(-1, n_tok, c), keep.view(-1, n_tok), doy.view(-1, n_tok), lat, lon,
+                               seq.new_zeros(b * h * w, 0))
+        torch.testing.assert_close(feats.view(b, h, w, -1).permute(0, 3, 1, 2), out.fused, rtol=1e-5, atol=1e-6)
+    for p in tiny.parameters():
+        p.requires_grad_(True)
