@@ -6,8 +6,10 @@ the same tiles, window plan (``PredictorSpec.windows``: the tile core plus its m
 neighbouring windows), batch size, weights and torch thread count, in one process:
 
 - ``forward``: the baseline. Every window of the tiles is cut from tile samples read into memory beforehand and
-  collated into model inputs beforehand (same-shaped windows batched across tiles, as the actor does); the clock
-  runs over ``model(x).fused`` + the head only (CPU or GPU, the same autocast as the pipeline).
+  collated into model inputs beforehand (windows of the same shape and kept part batched across tiles, as the
+  actor does); the clock runs over the model + the head only (``TilePredictor._window_values``: the encoders on
+  the whole window, the per-location stages on its part in the tile core; CPU or GPU, the same autocast as the
+  pipeline).
 - ``pipeline``: ``pipeline.inference.run_inference`` as the job runs it, from a fresh tile directory: cube read
   tasks -> the inference actor (windows, Hann blending, nodata) -> the per-tile GeoTIFF sink -> the manifest;
   the clock is the pipeline's own (``InferenceResult.seconds["pipeline"]``: first row to last). The mosaic is
@@ -86,20 +88,22 @@ def window_inputs(spec, cube: str, tiles: list[str], device, tiles_per_call: int
     rows = [{k: v[0] for k, v in b.items()} for b in read_tiles_local(cube, tiles, modalities=list(spec.modalities))]
     inputs = []
     for c0 in range(0, len(rows), tiles_per_call):
-        by_shape: dict[tuple[int, int], list] = {}
+        by_shape: dict[tuple, list] = {}
         for r in range(c0, min(c0 + tiles_per_call, len(rows))):
             for y, x, h, w in spec.windows():
-                by_shape.setdefault((h, w), []).append((r, y, x))
-        for (h, w), items in by_shape.items():
+                kept = spec.kept(y, x, h, w)
+                key = (h, w, None if kept is None else (kept[0].start, kept[0].stop, kept[1].start, kept[1].stop))
+                by_shape.setdefault(key, []).append((r, y, x, kept))
+        for (h, w, _), items in by_shape.items():
             for i in range(0, len(items), spec.batch_size):
                 cols = [window_batch(rows[r], [(y, x)], (h, w), spec.hr_ratio, spec.modalities)
-                        for r, y, x in items[i:i + spec.batch_size]]
+                        for r, y, x, _ in items[i:i + spec.batch_size]]
                 x_in, _ = rows_to_input({k: np.concatenate([c[k] for c in cols]) for k in cols[0]}, spec.modalities)
-                inputs.append(x_in.to(device))
+                inputs.append((x_in.to(device), items[i][3]))
     return inputs
 
 
-def model_flops(pred, x) -> int:
+def model_flops(pred, x, kept=None) -> int:
     """FLOPs of one ``_window_values`` call (matmul / conv / SDPA, as bench/model.py counts them)."""
     import torch
 
@@ -107,7 +111,7 @@ def model_flops(pred, x) -> int:
 
     counter = flop_counter()
     with torch.inference_mode(), counter:
-        pred._window_values(x)
+        pred._window_values(x, kept)
     return counter.get_total_flops()
 
 
@@ -121,18 +125,18 @@ def bare_forward(spec, cube: str, tiles: list[str], gpu: bool, tiles_per_call: i
     inputs = window_inputs(spec, cube, tiles, pred.device, tiles_per_call)
     out = {}
     with torch.inference_mode():
-        pred._window_values(inputs[0])  # warm-up (allocator, kernels), not timed
+        pred._window_values(*inputs[0])  # warm-up (allocator, kernels), not timed
         if gpu:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for x in inputs:
-            pred._window_values(x)
+        for x, kept in inputs:
+            pred._window_values(x, kept)
         if gpu:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     pixels = len(tiles) * spec.core[1] ** 2
     if flops:
-        total = sum(model_flops(pred, x) for x in inputs)
+        total = sum(model_flops(pred, x, kept) for x, kept in inputs)
         out["flops_per_px"] = round(total / pixels)
     return {"forward_calls": len(inputs), "pixels": pixels, "seconds": round(seconds, 3),
             "pixels_per_s": pixels / seconds, "ms_per_px": round(seconds / pixels * 1e3, 4), **out}

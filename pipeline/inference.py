@@ -389,6 +389,18 @@ class PredictorSpec:
         spans = window_spans(a, b, self.window, self.overlap, fixed=self.task == "fewshot", size=self.size)
         return [(y, x, hy, wx) for y, hy in spans for x, wx in spans]
 
+    def kept(self, y: int, x: int, h: int, w: int) -> tuple[slice, slice] | None:
+        """The part of the window (y, x, h, w) inside the tile core, as (rows, columns) slices in window px, or
+        None when all of it is (few-shot windows are never cut: the support and the query meet whole). What lies
+        outside the core is context for the encoders and is never read, so the per-location stages after them
+        (fusion, geo-context, per-pixel features, head) run on this part only (``SkySense.Encoded.crop``)."""
+        c0, n = self.core
+        ys = slice(max(c0 - y, 0), min(c0 + n - y, h))
+        xs = slice(max(c0 - x, 0), min(c0 + n - x, w))
+        if self.task == "fewshot" or (ys == slice(0, h) and xs == slice(0, w)):
+            return None
+        return ys, xs
+
 
 def cube_modalities(ccfg) -> list[str]:
     """The modalities a cube holds (those with date slots), in :data:`MODALITIES` order."""
@@ -523,25 +535,29 @@ class TilePredictor:
         wsum = np.zeros((s.size, s.size), np.float32)
         for y, x, h, w in plan:
             wsum[y:y + h, x:x + w] += hann_window(h, w)
-        by_shape: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        by_shape: dict[tuple, list[tuple[int, int, int]]] = {}  # windows of one shape and kept part batch together
         for r in range(len(rows)):
             for y, x, h, w in plan:
-                by_shape.setdefault((h, w), []).append((r, y, x))
+                kept = s.kept(y, x, h, w)
+                key = (h, w, None if kept is None else (kept[0].start, kept[0].stop, kept[1].start, kept[1].stop))
+                by_shape.setdefault(key, []).append((r, y, x))
         acc: list[Any] = [None] * len(rows)
         step = 1 if s.task == "fewshot" else s.batch_size
         with torch.inference_mode():
-            for (h, w), items in by_shape.items():
-                weight = torch.from_numpy(hann_window(h, w)).to(self.device)
+            for (h, w, cut), items in by_shape.items():
+                kept = None if cut is None else (slice(cut[0], cut[1]), slice(cut[2], cut[3]))
+                ky, kx = kept or (slice(0, h), slice(0, w))
+                weight = torch.from_numpy(hann_window(h, w)[ky, kx]).to(self.device)
                 for i in range(0, len(items), step):
                     part = items[i:i + step]
                     cols = [window_batch(rows[r], [(y, x)], (h, w), s.hr_ratio, s.modalities) for r, y, x in part]
                     batch = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
                     x_in, _ = rows_to_input(batch, s.modalities)
-                    vals = self._window_values(x_in.to(self.device))  # (B, C, h, w) float32
+                    vals = self._window_values(x_in.to(self.device), kept)  # (B, C, kept h, kept w) float32
                     for (r, y, x0), v in zip(part, vals, strict=True):
                         if acc[r] is None:
                             acc[r] = torch.zeros((v.shape[0], s.size, s.size), dtype=torch.float32, device=self.device)
-                        acc[r][:, y:y + h, x0:x0 + w] += v * weight
+                        acc[r][:, y + ky.start:y + ky.stop, x0 + kx.start:x0 + kx.stop] += v * weight
         norm = torch.from_numpy(wsum[c0:c0 + n, c0:c0 + n]).to(self.device)
         out = []
         for r, row in enumerate(rows):
@@ -557,9 +573,10 @@ class TilePredictor:
                 out.append(cls[None])
         return out
 
-    def _window_values(self, x) -> Any:
-        """(B, C, w, w) float32 for a batch of windows: class logits (landcover), class probabilities (fewshot),
-        or F_fus (embeddings)."""
+    def _window_values(self, x, kept: tuple[slice, slice] | None = None) -> Any:
+        """(B, C, h, w) float32 for a batch of windows: class logits (landcover), class probabilities (fewshot),
+        or the features (embeddings); with ``kept`` (:meth:`PredictorSpec.kept`) for that part of the windows
+        only: the encoders see the whole window, the per-location stages after them the kept part."""
         import torch
         import torch.nn.functional as F
 
@@ -577,9 +594,13 @@ class TilePredictor:
                 if probs.shape[-1] != x.grid_size(s.hr_ratio)[1]:  # HR-resolution probabilities -> the 10 m grid
                     probs = F.avg_pool2d(probs, s.hr_ratio)
                 return probs
+            enc = self.model.encode(x)
+            if kept is not None:
+                enc, x = enc.crop(*kept), x.crop(*kept, s.hr_ratio)
+            out = self.model.fuse(enc, x)
             if s.task == "embeddings":
-                return pixel_features(s.features, self.model(x), x, s.hr_ratio)
-            parts = pixel_features(s.features, self.model(x), x, s.hr_ratio, parts=True)
+                return pixel_features(s.features, out, x, s.hr_ratio)
+            parts = pixel_features(s.features, out, x, s.hr_ratio, parts=True)
             if hasattr(self.head, "forward_parts"):
                 return self.head.forward_parts(parts).float()
             return self.head(torch.cat(parts, 1)).float()

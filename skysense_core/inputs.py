@@ -97,6 +97,15 @@ class ModalityInput:
         """(B,) bool: at least one valid date."""
         return self.valid.any(dim=1)
 
+    def crop(self, ys: slice, xs: slice, scale: int = 1) -> ModalityInput:
+        """The same series over rows ``ys`` and columns ``xs`` of the grid (``scale`` px per grid cell: the HR
+        ratio for HR); per-pixel days of year are cropped too."""
+        ys, xs = slice(ys.start * scale, ys.stop * scale), slice(xs.start * scale, xs.stop * scale)
+        doy = self.doy if self.doy.dim() == 2 else self.doy[..., ys.start // scale:ys.stop // scale,
+                                                            xs.start // scale:xs.stop // scale]
+        return ModalityInput(self.data[..., ys, xs], self.valid, doy,
+                             None if self.mask is None else self.mask[..., ys, xs])
+
     def to(self, device) -> ModalityInput:
         return ModalityInput(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
                                 for f in fields(self)})
@@ -137,6 +146,13 @@ class SkySenseInput:
 
     def replace(self, **kw) -> SkySenseInput:
         return replace(self, **kw)
+
+    def crop(self, ys: slice, xs: slice, hr_ratio: int) -> SkySenseInput:
+        """The batch over grid rows ``ys`` and columns ``xs`` (views, no copy): what the per-location stages after
+        the encoders read when only part of a window is kept (``SkySense.fuse`` of ``Encoded.crop``)."""
+        kw = {m: None if getattr(self, m) is None else getattr(self, m).crop(ys, xs, hr_ratio if m == "hr" else 1)
+              for m in MODALITIES}
+        return SkySenseInput(**kw, lat=self.lat, lon=self.lon)
 
     def to(self, device) -> SkySenseInput:
         kw = {m: getattr(self, m).to(device) if getattr(self, m) is not None else None for m in MODALITIES}

@@ -102,6 +102,21 @@ class Encoded:
     semantic: bool
     extras: dict
 
+    def crop(self, ys: slice, xs: slice) -> Encoded:
+        """The encoders' output over grid rows ``ys`` and columns ``xs`` (views). Everything after the encoders
+        (date encoding, fusion, geo-context, per-pixel features) is per location, so fusing a crop gives exactly
+        those locations of the whole: inference fuses only the pixels it keeps (a window's part in the tile
+        core). The HR pyramid and the completion output are dropped (the dense heads read whole windows)."""
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[..., ys, xs]
+
+        return Encoded(
+            tokens={m: cut(t) for m, t in self.tokens.items()}, keep={m: cut(k) for m, k in self.keep.items()},
+            doys={m: d if d.dim() == 2 else cut(d) for m, d in self.doys.items()},
+            summary={m: cut(f) for m, f in self.summary.items()}, pyramid=None, completion=None,
+            semantic=self.semantic, extras={k: v for k, v in self.extras.items() if k == "present"},
+        )
+
 
 def _masked_mean(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """(B, T, C, h, w), (B, T, h, w) -> (B, C, h, w); 0 where nothing is kept."""

@@ -248,3 +248,19 @@ def test_fusion_on_bare_sequences_equals_the_forward(tiny, subset):
         torch.testing.assert_close(feats.view(b, h, w, -1).permute(0, 3, 1, 2), out.fused, rtol=1e-5, atol=1e-6)
     for p in tiny.parameters():
         p.requires_grad_(True)
+
+
+def test_fusing_a_crop_gives_those_locations_of_the_whole(tiny):
+    """Inference fuses only the part of a window it keeps (``Encoded.crop``): every stage after the encoders is
+    per location, so the crop's features are the whole window's at those locations."""
+    from skysense_core.pixel_features import pixel_features
+
+    batch = make_batch(("hr", "s2", "s1"), batch=2, grid=8, hr_ratio=tiny.cfg.hr_ratio)
+    ys, xs = slice(1, 6), slice(2, 8)
+    with torch.no_grad():
+        enc = tiny.encode(batch)
+        full = pixel_features("dates+input", tiny.fuse(enc, batch), batch, tiny.cfg.hr_ratio)
+        part_in = batch.crop(ys, xs, tiny.cfg.hr_ratio)
+        part = pixel_features("dates+input", tiny.fuse(enc.crop(ys, xs), part_in), part_in, tiny.cfg.hr_ratio)
+    assert part.shape[-2:] == (5, 6)
+    torch.testing.assert_close(part, full[..., ys, xs], rtol=1e-5, atol=1e-6)
