@@ -179,6 +179,9 @@ def flood_scores(out: Path, cube: Path, encoder: Path, steps: int, dcfg: demo.De
     return {"model": metrics["miou"], "otsu": otsu["miou"]}
 
 
+MIN_SIZE_KM = 2.0  # [ours] 2 x 2 tiles of 1.28 km: the smallest region with training and held-out tiles
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/demo", type=Path)
@@ -191,10 +194,22 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=int, default=FinetuneConfig.steps,
                    help="L-BFGS iterations of the land-cover head (0 skips fine-tuning, inference and scoring)")
     args = p.parse_args(argv)
+    if args.size_km < MIN_SIZE_KM:
+        p.error(f"--size-km {args.size_km}: the demo needs at least {MIN_SIZE_KM} km (tiles to train on and to hold "
+                "out)")
+    try:
+        cfg = demo.DemoConfig(size_km=args.size_km, seed=args.seed, hr_ratio=args.hr_ratio)
+    except ValueError as e:
+        p.error(str(e).replace("size_km", "--size-km").replace("seed", "--seed").replace("hr_ratio", "--hr-ratio"))
+    out = args.out.resolve()
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {args.out} is a file, not a directory")
+    parent = next(q for q in [out, *out.parents] if q.exists())
+    if not os.access(parent, os.W_OK):
+        p.error(f"--out {args.out}: {parent} is not writable")
     t0 = time.time()
     timing: dict[str, float] = {}
     t_stage = time.perf_counter()
-    cfg = demo.DemoConfig(size_km=args.size_km, seed=args.seed, hr_ratio=args.hr_ratio)
     catalog = build_region(args.out, cfg, args.force)
     timing["region"] = time.perf_counter() - t_stage
 

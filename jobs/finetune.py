@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any cwd
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from pipeline.finetune import HEADS, TRAIN_PARTS, FinetuneConfig, finetune  # noqa: E402
+from pipeline.finetune import HEADS, TRAIN_PARTS, FinetuneConfig, check_inputs, finetune  # noqa: E402
 from skysense_core.pixel_features import FEATURE_SETS  # noqa: E402
 
 
@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labels", required=True, help="categorical label raster (GeoTIFF / COG), 255 = nodata")
     p.add_argument("--checkpoint", required=True, help="a skysense checkpoint (.safetensors) from jobs/pretrain.py")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the head an existing --out holds")
     p.add_argument("--train", choices=TRAIN_PARTS, default=d.train,
                    help="what is trained: head (frozen encoder, cached features), fusion, all")
     p.add_argument("--features", choices=FEATURE_SETS, default=d.features,
@@ -82,6 +83,12 @@ def main(argv=None) -> int:
     if a.window % 4:
         print("error: --window must be a multiple of 4", file=sys.stderr)
         return 2
+    for flag, value in (("--steps", a.max_steps or a.steps), ("--model-steps", a.model_steps),
+                        ("--batch-size", a.batch_size), ("--pixels-per-tile", a.pixels_per_tile),
+                        ("--workers", a.workers), ("--val-every", a.val_every), ("--eval-every", a.eval_every)):
+        if value < 1:
+            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     import ray
 
     from pipeline.baselines import raw_pixel_baseline
@@ -96,6 +103,7 @@ def main(argv=None) -> int:
                              pixels_per_tile=a.pixels_per_tile, seed=a.seed, workers=a.workers, gpu=a.gpu,
                              model_steps=a.model_steps, model_batch=a.model_batch, model_lr=a.model_lr,
                              write_pids=a.write_pids)
+        check_inputs(cfg, overwrite=a.overwrite)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,10 @@
     ray job submit --working-dir . -- python jobs/ingest.py ...
 
 Tiles run as Ray tasks with fractional CPUs; a re-run skips done tiles; CUBE/manifest.json lists failed tiles
-with reasons. Exit codes: 0 all tiles written, 1 some tiles failed (the others are written), 2 bad input.
+with reasons. Items of no known provider are read with the ``generic`` profile (bands from their own metadata).
+Exit codes: 0 all tiles written, 1 some tiles failed (the others are written) or no tile got a valid date, 2 bad
+input (including a search whose items yield no band of any requested modality), 3 another ingest writes the
+same cube (after ``--wait`` seconds).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pipeline import zarr_cube  # noqa: E402
 from pipeline.cube import CubeConfig  # noqa: E402
-from pipeline.grid import TileGrid, load_aoi  # noqa: E402
-from pipeline.ingest import cube_summary, run_ingest  # noqa: E402
+from pipeline.grid import BBOX_HELP, TileGrid, aoi_argv, load_aoi, parse_aoi, parse_bbox  # noqa: E402
+from pipeline.ingest import IngestBusy, cube_summary, run_ingest  # noqa: E402
 from pipeline.providers import PROFILES  # noqa: E402
 from pipeline.stac import StacSearchError  # noqa: E402
 
@@ -31,11 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--catalog", required=True, help="STAC API URL, or a static catalog.json (or its directory)")
     aoi = p.add_mutually_exclusive_group(required=True)
-    aoi.add_argument("--bbox", nargs=4, type=float, metavar=("MINLON", "MINLAT", "MAXLON", "MAXLAT"))
-    aoi.add_argument("--aoi", help="GeoJSON file (Geometry, Feature or FeatureCollection in lon/lat)")
+    aoi.add_argument("--bbox", nargs="+", metavar="COORD", help=BBOX_HELP)
+    aoi.add_argument("--aoi", help="GeoJSON file (Geometry, Feature or FeatureCollection in lon/lat), or "
+                     "MINLON,MINLAT,MAXLON,MAXLAT")
     p.add_argument("--start", required=True, type=date.fromisoformat, help="first day of the season, YYYY-MM-DD")
     p.add_argument("--end", required=True, type=date.fromisoformat, help="last day of the season, YYYY-MM-DD")
     p.add_argument("--out", required=True, help="the cube (a Zarr v3 store directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it is a directory that is not a cube (refused without this flag)")
+    p.add_argument("--wait", type=float, default=0.0,
+                   help="seconds to wait for another ingest into the same cube to finish (default: exit 3 at once)")
     d = CubeConfig()
     p.add_argument("--tile-px", type=int, default=d.grid.tile_px, help="tile side in 10 m pixels")
     p.add_argument("--halo-px", type=int, default=d.grid.halo_px, help="halo on each side, in 10 m pixels")
@@ -58,16 +66,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Ray cluster: an address, 'auto' (the cluster `ray start` runs on this machine) or 'local' "
         "(a fresh local Ray). Default: RAY_ADDRESS if set (ray job submit sets it), else 'local'",
     )
-    args = p.parse_args(argv)
+    args = p.parse_args(aoi_argv(sys.argv[1:] if argv is None else argv))
     if args.end < args.start:
         p.error(f"--end {args.end} is before --start {args.start}")
+    for flag, value, low in (("--tile-px", args.tile_px, 4), ("--halo-px", args.halo_px, 0), ("--t-s2", args.t_s2, 0),
+                             ("--t-s1", args.t_s1, 0), ("--t-hr", args.t_hr, 0), ("--hr-ratio", args.hr_ratio, 1)):
+        if value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    if args.cpus_per_tile <= 0:
+        p.error(f"--cpus-per-tile must be positive, got {args.cpus_per_tile}")
+    try:
+        args.bbox = parse_bbox(args.bbox)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        aoi = load_aoi(bbox=args.bbox) if args.bbox else load_aoi(geojson=args.aoi)
+        aoi = load_aoi(bbox=args.bbox) if args.bbox else parse_aoi(args.aoi)
         cfg = CubeConfig(
             grid=TileGrid(args.tile_px, args.halo_px),
             t_s2=args.t_s2,
@@ -86,11 +104,18 @@ def main(argv=None) -> int:
             collections=args.collections,
             ray_address=args.ray_address,
             cpus_per_tile=args.cpus_per_tile,
+            overwrite=args.overwrite,
+            wait_s=args.wait,
         )
+    except IngestBusy as e:
+        print(f"busy: {e}", file=sys.stderr)
+        return 3
     except (StacSearchError, ValueError, zarr_cube.CubeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(cube_summary(args.out))
+    if report.empty:
+        print(f"error: the cube {args.out} has no valid date in any tile (see the warnings above)", file=sys.stderr)
     return 0 if report.ok else 1
 
 

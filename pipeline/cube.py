@@ -197,8 +197,27 @@ def resolve_items(items: Sequence[pystac.Item], provider: str, warnings: list[st
         except ProviderError as e:
             warnings.append(f"skipped item: {e}")
             continue
-        out[r.modality].append(_Candidate(it, r))
+        out[r.modality].append(_Candidate(_loadable(it), r))
     return out
+
+
+def _loadable(item: pystac.Item) -> pystac.Item:
+    """``item``, or a copy whose ``eo:bands`` / ``bands`` entries all have a ``name``: odc-stac (through pystac's
+    eo extension) refuses a band without one, which users' catalogs write (the generic profile finds bands by
+    common name or wavelength instead). The name given is the asset key and band number; bands are read by
+    asset key and index (``_odc_band_name``), never by these names."""
+    def nameless(a) -> bool:
+        return any("name" not in b for b in (a.extra_fields.get("eo:bands") or a.extra_fields.get("bands") or []))
+
+    if not any(nameless(a) for a in item.assets.values()):
+        return item
+    item = item.clone()
+    for key, a in item.assets.items():
+        for field_name in ("eo:bands", "bands"):
+            listed = a.extra_fields.get(field_name)
+            if listed:
+                a.extra_fields[field_name] = [{"name": f"{key}_{i + 1}", **b} for i, b in enumerate(listed)]
+    return item
 
 
 def _by_day(cands: Sequence[_Candidate]) -> dict[date, list[_Candidate]]:
@@ -470,11 +489,21 @@ def assemble_s2(
     return stack
 
 
-def _to_db(values: np.ndarray, kind: str, nodata: float | None) -> np.ndarray:
+def _to_db(values: np.ndarray, kind: str, nodata: float | None, warn: Callable[[str], None] | None = None,
+           what: str = "") -> np.ndarray:
+    """Backscatter in dB from ``kind`` values (``db``, ``linear_power``, ``amplitude_dn``), NaN where invalid.
+    Linear power and amplitude are never negative: values that mostly are must already be dB (a user's catalog
+    that does not say so), and are taken as dB with a warning instead of being discarded."""
     v = values.astype(np.float64)
     bad = ~np.isfinite(v)
     if nodata is not None and not math.isnan(nodata):
         bad |= v == nodata
+    if kind != "db":
+        ok = v[~bad]
+        if ok.size and (ok < 0).mean() > 0.5:
+            if warn is not None:
+                warn(f"{what}: {(ok < 0).mean():.0%} of the values are negative, which {kind} never is: read as dB")
+            kind = "db"
     if kind == "db":
         out = v
     elif kind == "linear_power":
@@ -554,7 +583,8 @@ def assemble_s1(
             merged = np.full(tile.shape(), np.nan, np.float32)
             for c in cs:  # same-day scenes: first valid value wins, as odc-stac's groupby does
                 ref = c.resolved.bands[b]
-                v = _to_db(_warp_gcps(ref.href, ref.band_index, tile), c.resolved.s1_values, None)
+                v = _to_db(_warp_gcps(ref.href, ref.band_index, tile), c.resolved.s1_values, None,
+                           warnings.append, f"{b} of {c.item.id}")
                 merged = np.where(np.isnan(merged), v, merged)
             out[b] = merged
         return out
@@ -565,7 +595,8 @@ def assemble_s1(
     def to_db(cs, arrs):
         r = cs[0].resolved
         return {
-            b: _to_db(arrs[nm], r.s1_values, _raster_band(cs[0].item, r.bands[b].asset_key).get("nodata"))
+            b: _to_db(arrs[nm], r.s1_values, _raster_band(cs[0].item, r.bands[b].asset_key).get("nodata"),
+                      warnings.append, f"{b} of {cs[0].item.id}")
             for b, nm in zip(B.S1_BANDS, names(cs), strict=True)
         }
 

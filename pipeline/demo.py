@@ -101,6 +101,14 @@ class DemoConfig:
     hr_dates: tuple[str, ...] = ("2024-05-18", "2024-08-21")
     flood_near: str = "2024-10-22"  # the flood date is the S1 acquisition closest to this
 
+    def __post_init__(self):
+        if not (0.2 <= self.size_km <= 50):  # [ours] 20 px at least; 50 km is 25 M S2 px per date already
+            raise ValueError(f"size_km must be between 0.2 and 50 km, got {self.size_km}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.hr_ratio < 1 or self.hr_ratio & (self.hr_ratio - 1):
+            raise ValueError(f"hr_ratio must be a power of 2, got {self.hr_ratio}")
+
     @property
     def s2_px(self) -> int:
         n = int(round(self.size_km * 100))

@@ -478,6 +478,46 @@ def run_finetune_train(cfg: FinetuneConfig, train_tiles: list[str], num_classes:
         "model_run": str(job.run_dir), "model_steps": cfg.model_steps, "model_seconds": time.perf_counter() - t0}
 
 
+def check_inputs(cfg: FinetuneConfig, overwrite: bool = False) -> None:
+    """Refuse, before any work, what would fail late or silently: a ``cube`` that is not a cube, a
+    ``checkpoint`` that is not a SkySense safetensors file (a pickle is never loaded), ``labels`` that are not a
+    raster or do not overlap any done tile of the cube, and an ``out`` that already holds a head (replaced only
+    with ``overwrite``). Raises ``ValueError`` naming the flag and the value."""
+    from pyproj import Transformer
+    from shapely.geometry import box
+    from shapely.ops import transform
+
+    from pipeline import zarr_cube
+    from pipeline.inference import encoder_config
+
+    try:
+        root = zarr_cube.open_cube(cfg.cube)
+    except zarr_cube.CubeError as e:
+        raise ValueError(f"--cube {cfg.cube}: {e}") from None
+    try:
+        encoder_config(cfg.checkpoint)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint: {e}") from None
+    if (Path(cfg.out) / HEAD_FILE).exists() and not overwrite:
+        raise ValueError(f"--out {cfg.out} already holds a fine-tuned head ({HEAD_FILE}); choose another --out, "
+                         "or pass --overwrite to replace it")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is a file, not a directory")
+    try:
+        with open_label_raster(cfg.labels) as src:
+            to_ll = Transformer.from_crs(src.crs, 4326, always_xy=True)
+            footprint = transform(to_ll.transform, box(*src.bounds))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--labels: {e}") from None
+    done = set(done_tiles(cfg.cube))
+    tiles = [t for t in zarr_cube.tiles_of(root) if t.id in done]
+    if not tiles:
+        raise ValueError(f"--cube {cfg.cube} has no done tile (run jobs/ingest.py to completion first)")
+    if not any(footprint.intersects(t.footprint_lonlat()) for t in tiles):
+        raise ValueError(f"--labels {cfg.labels} (lon/lat bounds {[round(v, 4) for v in footprint.bounds]}) does "
+                         f"not overlap any done tile of the cube {cfg.cube}")
+
+
 def split_for_finetune(cube: str, cfg: FinetuneConfig) -> tuple[list[str], list[str], list[str]]:
     """(train, select, held_out) tiles: ``split_tiles`` holds out every ``val_every``-th tile for testing, then
     every ``select_every``-th remaining tile chooses the best step (at least one train tile is kept)."""
@@ -523,6 +563,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[d
                                        seed=cfg.seed, threads=cfg.threads, log=log,
                                        until_doy=cfg.until_doy) if tiles else None
     seconds["features"] = time.perf_counter() - t0
+    if not len(feats["train"].y):
+        raise ValueError(f"no labelled pixel in the training tiles ({len(train_tiles)}): the labels {cfg.labels} "
+                         "are nodata over them; nothing was fitted and no head is written")
     if num_classes is None:  # an untagged raster: 1 + the largest training id
         num_classes = int(feats["train"].y.max()) + 1
     if cfg.noise_features:  # the control run: what the head learns without the encoder

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+import shapely.errors
 import shapely.geometry
 from affine import Affine
 from pyproj import CRS, Transformer
@@ -153,6 +154,10 @@ def parse_tile_id(tile_id: str, grid: TileGrid) -> Tile:
     return Tile(int(m.group(1)), m.group(2) == "S", int(m.group(3)), int(m.group(4)), grid)
 
 
+GEOJSON_GEOMETRIES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
+                      "GeometryCollection")
+
+
 def load_aoi(bbox: Sequence[float] | None = None, geojson: str | Path | dict | None = None):
     """The AOI as a shapely geometry in lon/lat, from a bbox or a GeoJSON file/dict (Geometry, Feature or
     FeatureCollection, in lon/lat as GeoJSON requires)."""
@@ -166,28 +171,89 @@ def load_aoi(bbox: Sequence[float] | None = None, geojson: str | Path | dict | N
             raise ValueError(f"bbox {list(bbox)} is not MINLON MINLAT MAXLON MAXLAT in degrees with min < max")
         return shapely.geometry.box(x0, y0, x1, y1)
     doc = geojson
+    where = "the AOI GeoJSON"
     if not isinstance(doc, dict):
         path = Path(doc)
-        if not path.exists():
-            raise ValueError(f"AOI file {path} does not exist")
+        where = f"AOI file {path}"
+        if not path.is_file():
+            raise ValueError(f"{where} does not exist" if not path.exists() else f"{where} is not a file")
         try:
             doc = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"AOI file {path} is not valid JSON: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where} must be a GeoJSON object (a Geometry, Feature or FeatureCollection), "
+                         f"not a JSON {type(doc).__name__}")
     kind = doc.get("type")
     if kind == "FeatureCollection":
-        geoms = [shapely.geometry.shape(f["geometry"]) for f in doc.get("features", []) if f.get("geometry")]
+        parts = [f.get("geometry") for f in doc.get("features") or [] if isinstance(f, dict)]
     elif kind == "Feature":
-        geoms = [shapely.geometry.shape(doc["geometry"])]
+        parts = [doc.get("geometry")]
+    elif kind in GEOJSON_GEOMETRIES:
+        parts = [doc]
     else:
-        geoms = [shapely.geometry.shape(doc)]
+        raise ValueError(f"{where}: type {kind!r} is not a GeoJSON Geometry, Feature or FeatureCollection")
+    geoms = []
+    for g in parts:
+        if not g:
+            continue
+        try:
+            geoms.append(shapely.geometry.shape(g))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, shapely.errors.ShapelyError) as e:
+            raise ValueError(f"{where}: a {g.get('type') if isinstance(g, dict) else g!r} geometry is not valid "
+                             f"GeoJSON ({e}; a polygon ring needs at least 4 positions, the last one repeating the "
+                             "first)") from None
     if not geoms:
-        raise ValueError("the AOI GeoJSON holds no geometry")
+        raise ValueError(f"{where} holds no geometry (a Feature with \"geometry\": null?)")
     geom = shapely.union_all(geoms)
     x0, y0, x1, y1 = geom.bounds
     if geom.is_empty or not (-180 <= x0 and x1 <= 180 and -90 <= y0 and y1 <= 90):
         raise ValueError(f"AOI bounds {geom.bounds} are not lon/lat degrees")
     return geom
+
+
+def parse_aoi(spec: str):
+    """``--aoi``: a GeoJSON file, or "MINLON,MINLAT,MAXLON,MAXLAT" -> shapely geometry in lon/lat."""
+    parts = spec.replace(" ", "").split(",")
+    if len(parts) == 4 and not Path(spec).exists():
+        try:
+            return load_aoi(bbox=[float(p) for p in parts])
+        except ValueError as e:
+            raise ValueError(f"--aoi {spec}: {e}") from None
+    return load_aoi(geojson=spec)
+
+
+BBOX_HELP = "MINLON MINLAT MAXLON MAXLAT in degrees (four values, or one MINLON,MINLAT,MAXLON,MAXLAT)"
+
+
+def parse_bbox(values: Sequence[str] | None) -> list[float] | None:
+    """``--bbox`` values: four numbers, or one comma-separated string of four; raises ``ValueError``."""
+    if values is None:
+        return None
+    parts = [p for v in values for p in str(v).replace(" ", "").split(",") if p]
+    try:
+        bbox = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--bbox {' '.join(map(str, values))}: not numbers ({BBOX_HELP})") from None
+    if len(bbox) != 4:
+        raise ValueError(f"--bbox {' '.join(map(str, values))}: {len(bbox)} values, expected {BBOX_HELP}")
+    load_aoi(bbox=bbox)  # the range checks, with their message
+    return bbox
+
+
+def aoi_argv(argv: Sequence[str], flags: Sequence[str] = ("--aoi", "--bbox")) -> list[str]:
+    """``argv`` with ``--aoi -0.77,38.09,...`` rewritten as ``--aoi=-0.77,38.09,...``: argparse takes a value
+    that starts with "-" and is not a plain number for an option, so every AOI west of Greenwich (or south of the
+    equator) needed the "=" form."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in flags and i + 1 < len(argv) and re.match(r"^-\d", argv[i + 1]) and "," in argv[i + 1]:
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def tiles_for_aoi(aoi_lonlat, grid: TileGrid) -> list[Tile]:

@@ -29,7 +29,8 @@ import shapely.geometry
 from pipeline import zarr_cube
 from pipeline.cube import CubeConfig, assemble_tile
 from pipeline.grid import Tile, tiles_for_aoi
-from pipeline.providers import PROFILES
+from pipeline.locks import Busy, RunLock
+from pipeline.providers import GENERIC_PROVIDER_NAME, PROFILES, ProviderError, resolve_item
 from pipeline.stac import StacSource, open_source, search
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,25 @@ class IngestReport:
     warnings: dict[str, list[str]]
     seconds: float
     items: int
+    valid_pixels: int = -1  # valid core pixel-dates over every done tile and modality (-1: not counted)
+
+    @property
+    def empty(self) -> bool:
+        """Done tiles, but not one valid pixel on any date of any modality: a cube no stage can use."""
+        return self.valid_pixels == 0
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.empty
 
     def summary(self) -> str:
         lines = [
             f"cube {self.cube}: {self.tiles} tiles, {len(self.done)} written, {len(self.skipped)} already done, "
             f"{len(self.failed)} failed, {self.items} items, {self.seconds:.1f} s"
         ]
+        if self.empty:
+            lines.append("  NO VALID DATE in any tile: every date of every modality was rejected (see the warnings "
+                         "below and in manifest.json: unreadable bands, masks, nodata, dates outside the season)")
         for tid, reason in sorted(self.failed.items()):
             lines.append(f"  FAILED {tid}: {reason.splitlines()[0][:300]}")
         n_warn = sum(len(v) for v in self.warnings.values())
@@ -90,9 +100,49 @@ def ingest_tile(
 
 
 def default_collections(source: StacSource) -> list[str]:
-    """The source's collections that some provider profile maps onto the canonical bands."""
+    """The source's collections that some provider profile maps onto the canonical bands; every collection when
+    none is (a user's own catalog: the ``generic`` profile reads its items, ``check_items`` says what it found)."""
     known = {c for p in PROFILES.values() for c in p.collections}
-    return [c for c in source.collection_ids() if c in known]
+    ids = source.collection_ids()
+    return [c for c in ids if c in known] or list(ids)
+
+
+MODALITY_NAMES = {"s2": "Sentinel-2", "s1": "Sentinel-1", "hr": "high-resolution RGB"}
+
+
+def check_items(items: Sequence[pystac.Item], cfg: CubeConfig, say: Callable[[str], None]) -> dict[str, int]:
+    """Resolve every found item onto the canonical bands before any tile is touched: the usable items per
+    modality. Warns about items read with the ``generic`` profile and about requested modalities no item
+    serves; raises ``ValueError`` naming the items and what was looked for when no item serves any requested
+    modality (the cube would hold no valid date)."""
+    usable: dict[str, int] = {}
+    problems: list[str] = []
+    generic: list[str] = []
+    for it in items:
+        try:
+            r = resolve_item(it, cfg.provider)
+        except ProviderError as e:
+            problems.append(str(e))
+            continue
+        usable[r.modality] = usable.get(r.modality, 0) + 1
+        if r.provider == GENERIC_PROVIDER_NAME:
+            generic.append(it.id)
+    if generic:
+        say(f"[ingest] warning: {len(generic)} item(s) match no provider profile (no provider link or 'providers' "
+            f"metadata) and are read with the 'generic' profile, bands found from their own metadata: "
+            f"{', '.join(generic[:3])}{' ...' if len(generic) > 3 else ''}")
+    wanted = [m for m, t in (("s2", cfg.t_s2), ("s1", cfg.t_s1), ("hr", cfg.t_hr)) if t > 0]
+    if items and not any(usable.get(m) for m in wanted):
+        detail = "; ".join(problems[:3]) + (f"; ... ({len(problems)} items)" if len(problems) > 3 else "")
+        raise ValueError(
+            f"none of the {len(items)} items found yields the bands of a requested modality "
+            f"({', '.join(MODALITY_NAMES[m] for m in wanted)}): {detail or 'they are all of other modalities'}")
+    for m in wanted:
+        if not usable.get(m):
+            say(f"[ingest] warning: no item yields {MODALITY_NAMES[m]} bands: its dates in the cube stay empty")
+    if problems:
+        say(f"[ingest] warning: {len(problems)} item(s) skipped: {problems[0]}")
+    return usable
 
 
 def assign_items(tiles: Sequence[Tile], items: Sequence[pystac.Item]) -> dict[str, list[int]]:
@@ -148,19 +198,38 @@ def run_ingest(
     max_in_flight: int | None = None,
     progress: Callable[[str], None] | None = print,
     tile_filter: Callable[[Tile], bool] | None = None,
+    overwrite: bool = False,
+    wait_s: float = 0.0,
 ) -> IngestReport:
     """Build (or complete) the cube at ``out`` for ``aoi`` (a shapely geometry in lon/lat) and [start, end].
 
     Raises :class:`pipeline.stac.StacSearchError` (no items, unknown collection ...), ``ValueError`` (bad
-    AOI) and :class:`pipeline.zarr_cube.CubeError` (an existing cube made with other settings) before any
-    tile is touched. ``tile_filter`` restricts the run to some of the planned tiles (tests, refreshes).
+    AOI) and :class:`pipeline.zarr_cube.CubeError` (an existing cube made with other settings, or an ``out``
+    that is a file or a directory that is not a cube, unless ``overwrite``) before any tile is touched.
+    ``tile_filter`` restricts the run to some of the planned tiles (tests, refreshes). One ingest at a time
+    writes a cube: another waits up to ``wait_s`` s for the lock (``OUT.lock`` beside it), then raises
+    :class:`IngestBusy`.
     """
+    cfg = cfg or CubeConfig()
+    out = str(Path(out).resolve())
+    zarr_cube.check_out(out, overwrite)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with RunLock(Path(out).with_name(f".{Path(out).name}.lock"), wait_s, "ingest into this cube", IngestBusy):
+        return _run_ingest(catalog, aoi, start, end, out, cfg, collections=collections, ray_address=ray_address,
+                           cpus_per_tile=cpus_per_tile, max_in_flight=max_in_flight, progress=progress,
+                           tile_filter=tile_filter, overwrite=overwrite)
+
+
+class IngestBusy(Busy):
+    """Another ingest writes the same cube."""
+
+
+def _run_ingest(catalog, aoi, start, end, out, cfg, *, collections, ray_address, cpus_per_tile, max_in_flight,
+                progress, tile_filter, overwrite) -> IngestReport:
     import ray
 
-    cfg = cfg or CubeConfig()
     t0 = time.perf_counter()
     say = progress or (lambda s: None)
-    out = str(Path(out).resolve())
     source = open_source(catalog, provider=cfg.provider)
     cols = list(collections) if collections else default_collections(source)
     if not cols:
@@ -170,6 +239,7 @@ def run_ingest(
         )
     window = f"{start.isoformat()}/{end.isoformat()}"
     items = search(source, collections=cols, intersects=shapely.geometry.mapping(aoi), datetime=window)
+    check_items(items, cfg, say)
     all_tiles = tiles_for_aoi(aoi, cfg.grid)
     tiles = [t for t in all_tiles if tile_filter(t)] if tile_filter is not None else all_tiles
     say(
@@ -183,7 +253,7 @@ def run_ingest(
         "end": end.isoformat(),
         "aoi": shapely.geometry.mapping(aoi),
     }
-    zarr_cube.create_or_open(out, cfg, all_tiles, search_meta)
+    zarr_cube.create_or_open(out, cfg, all_tiles, search_meta, overwrite=overwrite)
 
     with ThreadPoolExecutor(8) as pool:
         done_flags = list(pool.map(lambda t: zarr_cube.is_done(out, t.id), tiles))
@@ -247,6 +317,7 @@ def run_ingest(
         warnings={o.tile_id: o.warnings for o in outcomes if o.warnings},
         seconds=time.perf_counter() - t0,
         items=len(items),
+        valid_pixels=int(sum(sum(s.get("count", [])) for p in partials if p for s in p.values())) if partials else -1,
     )
     manifest = {
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -6,8 +6,14 @@ This is the one place where provider asset keys (Planetary Computer ``B04``, Ear
 
 A profile is chosen per item: explicitly (``provider="planetary-computer"``), or with ``provider="auto"``
 from the item's own links (``root``/``self``/``collection`` host names), or from the ``providers`` common
-metadata that the demo generator writes. An item that matches no profile, a collection a profile does not
-know, and a band whose asset is missing each raise an error that names the item and the band.
+metadata that the demo generator writes. A collection a profile does not know and a band whose asset is missing
+each raise an error that names the item and the band.
+
+An item that matches no profile (a user's own catalog: no provider link, no ``providers`` metadata) is read with
+the ``generic`` profile (:func:`resolve_generic`), with a warning naming it: its modality and bands are found
+from the item itself, by asset keys that are band names, ``eo:bands`` / STAC 1.1 ``bands`` names, common names
+and centre wavelengths, and ``sar:polarizations``; Sentinel-1 values are dB when ``raster:bands`` says so
+(and, in the cube builder, when the values are mostly negative, which linear power never is).
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ class UnknownCollectionError(ProviderError):
 
 class MissingBandError(ProviderError):
     pass
+
+
+class NoUsableBandError(MissingBandError):
+    """A generic item in which no modality's bands were found (the message names what was looked for)."""
 
 
 @dataclass(frozen=True)
@@ -166,11 +176,110 @@ LOCAL = ProviderProfile(name=LOCAL_PROVIDER_NAME, link_markers=(), collections=_
 PROFILES: dict[str, ProviderProfile] = {p.name: p for p in (PLANETARY_COMPUTER, EARTH_SEARCH, DEMO, LOCAL)}
 
 
+# --------------------------------------------------------------------------------------------------- generic
+GENERIC_PROVIDER_NAME = "generic"
+# [ours] Names (asset keys, eo:bands / bands "name"), compared case-insensitively, under which catalogs publish
+# each canonical band: ESA band ids with and without the leading zero, Earth Search v1 keys, STAC common names
+# where one names one band (the three red-edge bands share "rededge": they are told apart by wavelength).
+GENERIC_NAMES: dict[str, tuple[str, ...]] = {
+    "B02": ("b02", "b2", "blue"), "B03": ("b03", "b3", "green"), "B04": ("b04", "b4", "red"),
+    "B05": ("b05", "b5", "rededge1", "rededge071"), "B06": ("b06", "b6", "rededge2", "rededge075"),
+    "B07": ("b07", "b7", "rededge3", "rededge078"), "B08": ("b08", "b8", "nir"), "B8A": ("b8a", "nir08"),
+    "B11": ("b11", "swir16"), "B12": ("b12", "swir22"), S2_SCL: ("scl", "scene_classification"),
+    "VV": ("vv",), "VH": ("vh",), "R": ("r", "red"), "G": ("g", "green"), "B": ("b", "blue"),
+}
+_GENERIC_COMMON = {"B02": "blue", "B03": "green", "B04": "red", "B08": "nir", "B8A": "nir08", "B11": "swir16",
+                   "B12": "swir22", "R": "red", "G": "green", "B": "blue"}
+GENERIC_HR_MAX_GSD = 5.0  # [ours] m: an RGB item with a coarser "gsd" is not read as high-resolution imagery
+_NOT_DATA_ROLES = {"thumbnail", "overview", "metadata", "visual"}  # a TCI / preview is never a band source
+
+
+@dataclass(frozen=True)
+class _BandSource:
+    asset: str
+    index: int  # 1-based band in the asset
+    names: frozenset[str]
+    common_name: str | None
+    wavelength_um: float | None
+
+
+def _band_sources(assets: Mapping[str, Any]) -> list[_BandSource]:
+    """Every (asset, band) of an item that could hold a band, with the names it goes by."""
+    out = []
+    for key, a in assets.items():
+        roles = set(a.get("roles") or [])
+        if roles & _NOT_DATA_ROLES and "data" not in roles:
+            continue
+        listed = a.get("eo:bands") or a.get("bands") or []
+        if not listed:
+            out.append(_BandSource(key, 1, frozenset({key.lower()}), None, None))
+            continue
+        for i, b in enumerate(listed):
+            names = {str(b.get("name", "")).lower()} - {""}
+            if len(listed) == 1:
+                names.add(key.lower())
+            wl = b.get("center_wavelength", b.get("eo:center_wavelength"))
+            out.append(_BandSource(key, i + 1, frozenset(names), b.get("common_name", b.get("eo:common_name")),
+                                   float(wl) if wl is not None else None))
+    return out
+
+
+def _find(band: str, sources: list[_BandSource]) -> _BandSource | None:
+    """The source of one canonical band: by name first, then by an unambiguous common name, then (Sentinel-2)
+    by a centre wavelength within half the band's width."""
+    from pipeline.bands import S2_BAND_INFO
+
+    hits = [s for s in sources if s.names & set(GENERIC_NAMES.get(band, ()))]
+    if hits:
+        return hits[0]
+    cn = _GENERIC_COMMON.get(band)
+    hits = [s for s in sources if cn is not None and s.common_name == cn]
+    if len(hits) == 1:
+        return hits[0]
+    info = S2_BAND_INFO.get(band)
+    if info is not None:
+        hits = [s for s in sources if s.wavelength_um is not None
+                and abs(s.wavelength_um - info.center_wavelength_um) <= info.fwhm_um / 2]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def resolve_generic(item: pystac.Item | Mapping[str, Any], bands: tuple[str, ...] | None = None) -> ResolvedItem:
+    """An item of no known provider read from its own metadata (module docstring). The modality is the first of
+    Sentinel-1 (VV and VH), Sentinel-2 (all ten bands) and high-resolution RGB whose bands are all found.
+    Raises :class:`NoUsableBandError` naming the item, its assets and the bands looked for."""
+    d = item.to_dict(include_self_link=True, transform_hrefs=False) if isinstance(item, pystac.Item) else item
+    item_id, collection = d.get("id"), d.get("collection")
+    assets = d.get("assets", {})
+    sources = _band_sources(assets)
+    gsd = d.get("properties", {}).get("gsd")
+    kinds = [(S1, ("VV", "VH")), (S2, S2_BANDS)]
+    if gsd is None or float(gsd) <= GENERIC_HR_MAX_GSD:  # red, green and blue at 30 m are not high resolution
+        kinds.append((HR, HR_BANDS))
+    candidates = [(m, {b: _find(b, sources) for b in canonical}) for m, canonical in kinds]
+    modality, found = next(((m, f) for m, f in candidates if all(f.values())), (None, {}))
+    if modality is None:
+        raise NoUsableBandError(
+            f"item {item_id!r} (collection {collection!r}, no known provider: read as 'generic'): no modality's "
+            f"bands found among its assets {sorted(assets)}; looked for Sentinel-1 VV+VH, Sentinel-2 "
+            f"{'+'.join(S2_BANDS)} and RGB R+G+B (gsd <= {GENERIC_HR_MAX_GSD:g} m) by asset key, eo:bands / "
+            "bands name, common name and centre wavelength"
+        )
+    cp = CollectionProfile(modality, {b: AssetBand(f.asset, f.index) for b, f in found.items()},
+                           s1_values="linear_power" if modality == S1 else None)
+    if modality == S2 and (scl := _find(S2_SCL, sources)) is not None:
+        cp = CollectionProfile(S2, cp.bands, {S2_SCL: AssetBand(scl.asset, scl.index)})
+    generic = ProviderProfile(GENERIC_PROVIDER_NAME, (), {collection: cp})
+    return resolve_item(d, generic, bands)
+
+
 def get_profile(name: str) -> ProviderProfile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise UnknownProviderError(f"unknown provider {name!r}; known providers: {', '.join(PROFILES)}") from None
+        raise UnknownProviderError(f"unknown provider {name!r}; known providers: "
+                               f"{', '.join([*PROFILES, GENERIC_PROVIDER_NAME])}") from None
 
 
 def detect_provider(item: pystac.Item | Mapping[str, Any]) -> ProviderProfile:
@@ -212,7 +321,8 @@ def resolve_item(
     provider: str | ProviderProfile = AUTO,
     bands: tuple[str, ...] | None = None,
 ) -> ResolvedItem:
-    """Map ``item``'s assets onto canonical band names.
+    """Map ``item``'s assets onto canonical band names. ``provider``: a profile name, ``"auto"`` (detected; the
+    ``generic`` profile when none matches: the result's ``provider`` says so) or ``"generic"``.
 
     ``bands``: the canonical bands (or mask layers such as ``SCL``) wanted; default: all of the item's
     modality plus its mask layers.
@@ -223,8 +333,13 @@ def resolve_item(
     item_id = d.get("id")
     if isinstance(provider, ProviderProfile):
         profile = provider
+    elif provider == GENERIC_PROVIDER_NAME:
+        return resolve_generic(d, bands)
     elif provider == AUTO:
-        profile = detect_provider(d)
+        try:
+            profile = detect_provider(d)
+        except UnknownProviderError:
+            return resolve_generic(d, bands)
     else:
         profile = get_profile(provider)
     collection = d.get("collection")

@@ -41,7 +41,6 @@ finds the version with the same inputs digest and only moves ``latest``. The boo
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -59,7 +58,8 @@ import shapely.geometry
 from pipeline import zarr_cube
 from pipeline.cube import CubeConfig
 from pipeline.flood import NODATA, flood_legend, otsu_flood
-from pipeline.grid import TileGrid, load_aoi, parse_tile_id, tiles_for_aoi
+from pipeline.grid import TileGrid, parse_aoi, parse_tile_id, tiles_for_aoi
+from pipeline.locks import Busy, RunLock
 
 PRODUCTS = ("crop", "flood")
 FORMAT = "skysense-refresh/1"
@@ -75,7 +75,7 @@ DESCRIPTIONS = {
 }
 
 
-class RefreshBusy(RuntimeError):
+class RefreshBusy(Busy):
     """Another run of the same product holds the lock."""
 
 
@@ -150,17 +150,6 @@ class RefreshResult:
 # ------------------------------------------------------------------------------------------------------------------
 # small pieces
 # ------------------------------------------------------------------------------------------------------------------
-def parse_aoi(spec: str):
-    """A GeoJSON file, or "minlon,minlat,maxlon,maxlat" -> shapely geometry in lon/lat."""
-    parts = spec.replace(" ", "").split(",")
-    if len(parts) == 4 and not Path(spec).exists():
-        try:
-            return load_aoi(bbox=[float(p) for p in parts])
-        except ValueError as e:
-            raise ValueError(f"--aoi {spec}: {e}") from None
-    return load_aoi(geojson=spec)
-
-
 def product_window(cfg: RefreshConfig, as_of: date) -> tuple[date, date]:
     """[start, end] of the acquisitions a version of the product uses."""
     if cfg.product == "crop":
@@ -226,39 +215,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-class ProductLock:
-    """``fcntl.flock`` on ``STATE/<product>/.lock``: the kernel drops it when the holder dies, so a killed run
-    never leaves a stale lock. Works on local disks and on NFSv4 / most shared file systems (for several
-    machines, the KubeRay CronJob's ``concurrencyPolicy: Forbid`` is the first guard)."""
+class ProductLock(RunLock):
+    """The lock of one product's runs, ``STATE/<product>/.lock`` (``pipeline.locks``)."""
 
     def __init__(self, path: Path, wait_s: float = 0.0):
-        self.path, self.wait_s, self.fd = path, wait_s, None
-
-    def __enter__(self) -> ProductLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                    os.close(fd)
-                    raise RefreshBusy(f"another refresh holds {self.path} ({holder or 'unknown holder'})") from None
-                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}".encode(),
-                  0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        super().__init__(path, wait_s, "refresh", RefreshBusy)
 
 
 def read_latest(prod_dir: Path) -> dict[str, Any] | None:

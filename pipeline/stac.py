@@ -30,6 +30,8 @@ import requests
 import shapely.geometry
 from urllib3.util.retry import Retry
 
+from pipeline.grid import BBOX_HELP, aoi_argv, parse_bbox
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 100
@@ -126,7 +128,10 @@ def format_datetime(value: str | datetime | None) -> tuple[datetime | None, date
     start_s, _, end_s = text.partition("/")
     if not end_s:
         end_s = start_s
-    return _parse_instant(start_s), _parse_instant(end_s)
+    start, end = _parse_instant(start_s), _parse_instant(end_s)
+    if start is not None and end is not None and end < start:
+        raise ValueError(f"datetime interval {value!r} ends before it starts")
+    return start, end
 
 
 def _parse_instant(s: str) -> datetime | None:
@@ -437,6 +442,10 @@ def search(
     Returns items ordered by datetime then id, newest first, with absolute asset hrefs. An empty result raises
     :class:`EmptySearchError` naming the query, unless ``allow_empty``.
     """
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"max_items must be at least 1 (or None for all), got {max_items}")
+    if datetime is not None:
+        format_datetime(datetime)  # an unreadable or inverted interval is an error, not an empty result
     src = open_source(source) if isinstance(source, (str, os.PathLike)) else source
     q = SearchQuery(
         collections=tuple(collections) if collections is not None else None,
@@ -492,12 +501,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("catalog", help="STAC API URL, or path to a static catalog.json (or its directory)")
     p.add_argument("--collections", nargs="+")
-    p.add_argument("--bbox", nargs=4, type=float, metavar=("MINLON", "MINLAT", "MAXLON", "MAXLAT"))
+    p.add_argument("--bbox", nargs="+", metavar="COORD", help=BBOX_HELP)
     p.add_argument("--datetime", help="RFC 3339 instant or interval, e.g. 2024-04-01/2024-09-30")
     p.add_argument("--max-cloud", type=float, help="keep items with eo:cloud_cover below this (percent)")
     p.add_argument("--max-items", type=int)
     p.add_argument("--ids", action="store_true", help="print item ids too")
-    args = p.parse_args(argv)
+    args = p.parse_args(aoi_argv(sys.argv[1:] if argv is None else argv))
+    try:
+        args.bbox = parse_bbox(args.bbox)
+    except ValueError as e:
+        p.error(str(e))
+    if args.max_items is not None and args.max_items < 1:
+        p.error(f"--max-items must be at least 1, got {args.max_items}")
     query = {"eo:cloud_cover": {"lt": args.max_cloud}} if args.max_cloud is not None else None
     try:
         items = search(

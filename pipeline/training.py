@@ -559,6 +559,30 @@ def _progress_line(step: int, total: int, epoch: int, logs: dict, sps: float, lr
             f"{sps:.2f} samples/s | lr {lr:.3e}")
 
 
+def numpy_rng_state(state: dict | None = None):
+    """NumPy's global RNG state as plain Python data (the Mersenne Twister key as a list of ints), which
+    ``torch.load(weights_only=True)`` reads; with ``state``, the reverse (what ``np.random.set_state`` takes)."""
+    if state is None:
+        name, key, pos, has_gauss, gauss = np.random.get_state()
+        return {"name": str(name), "key": [int(k) for k in key], "pos": int(pos), "has_gauss": int(has_gauss),
+                "gauss": float(gauss)}
+    return (state["name"], np.asarray(state["key"], np.uint32), state["pos"], state["has_gauss"], state["gauss"])
+
+
+def load_train_state(path: Path) -> dict:
+    """A checkpoint's optimiser, schedule, RNG and progress state, read with ``weights_only=True``: tensors and
+    plain Python data only, so a file planted in a shared run directory cannot run code in the workers. A state
+    that needs more (a checkpoint written before this rule) is refused with a clear error."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds objects other than tensors and plain data, and is not loaded (it could "
+                         f"run code): resume from a checkpoint this version wrote, or start a new run "
+                         f"({str(e).splitlines()[0]})") from None
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function. ``config``: ``job`` (a :class:`PretrainJobConfig` as dict), ``hr_ratio``,
     ``modalities``, ``data`` (cube facts for the model card)."""
@@ -598,7 +622,7 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             _load_weights(module, Path(d) / WEIGHTS)
-            state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            state = load_train_state(Path(d) / TRAIN_STATE)
         say(f"[pretrain] resumed from checkpoint at step {state['step']} (epoch {state['epoch']})")
     elif cfg.init:
         _load_weights(module, Path(cfg.init), partial=True)
@@ -629,7 +653,7 @@ def train_loop_per_worker(config: dict) -> None:
         sched.lr_lambdas = [lr_lambda(cfg.warmup, cfg.steps)] * len(opt.param_groups)  # the new total, if changed
         step, epoch, samples = int(state["step"]), int(state["epoch"]), int(state.get("samples", 0))
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        np.random.set_state(numpy_rng_state(state["rng"]["numpy"]))
         random.setstate(state["rng"]["python"])
     resumed_from = step
     metrics_log = _MetricsLog(run_dir / METRICS, step) if rank == 0 else None
@@ -652,7 +676,7 @@ def train_loop_per_worker(config: dict) -> None:
             torch.save({
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "samples": samples,
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate()},
                 "dino_centres": _dino_centres(module), "config": asdict(cfg), "world_size": world,
             }, Path(d) / TRAIN_STATE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

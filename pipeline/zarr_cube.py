@@ -69,10 +69,29 @@ def config_from_json(d: Mapping) -> CubeConfig:
     return CubeConfig(**d)
 
 
-def create_or_open(path: str | Path, cfg: CubeConfig, tiles: Sequence[Tile], search: Mapping[str, Any]) -> zarr.Group:
-    """Create the cube (root attrs and tile index), or open an existing one made with the same config and
-    tiles. A different config is an error: mixing grids in one cube would corrupt it."""
+def check_out(path: str | Path, overwrite: bool = False) -> None:
+    """Raise :class:`CubeError` when ``path`` cannot become a cube without destroying what is there: a file, or
+    a non-empty directory that is not a cube (unless ``overwrite``), or a place that cannot be written."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CubeError(f"--out {path} is a file, not a cube directory")
+    if path.is_dir() and not (path / "zarr.json").exists():
+        entries = sorted(p.name for p in path.iterdir())
+        if entries and not overwrite:
+            raise CubeError(f"--out {path} exists and is not a cube ({len(entries)} entries, e.g. {entries[0]!r}); "
+                            "refusing to replace it: choose another --out, or pass --overwrite to replace it")
+    parent = next((p for p in [path, *path.parents] if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK):
+        raise CubeError(f"--out {path}: {parent} is not writable")
+
+
+def create_or_open(path: str | Path, cfg: CubeConfig, tiles: Sequence[Tile], search: Mapping[str, Any],
+                   overwrite: bool = False) -> zarr.Group:
+    """Create the cube (root attrs and tile index), or open an existing one made with the same config and
+    tiles. A different config is an error: mixing grids in one cube would corrupt it. A directory that is not a
+    cube is replaced only with ``overwrite`` (:func:`check_out`)."""
+    path = Path(path)
+    check_out(path, overwrite)
     want = config_to_json(cfg)
     if (path / "zarr.json").exists():
         root = zarr.open_group(str(path), mode="r+", zarr_format=3)
