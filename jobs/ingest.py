@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--start", required=True, type=date.fromisoformat, help="first day of the season, YYYY-MM-DD")
     p.add_argument("--end", required=True, type=date.fromisoformat, help="last day of the season, YYYY-MM-DD")
     p.add_argument("--out", required=True, help="the cube (a Zarr v3 store directory)")
+    p.add_argument("--allow-href", action="append", default=[], metavar="DIR_OR_URL",
+                   help="also read hrefs under this directory or URL prefix (repeatable); by default only files in "
+                   "the catalog's own directory tree, public http(s) and the object stores a provider names")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out when it is a directory that is not a cube (refused without this flag)")
     p.add_argument("--wait", type=float, default=0.0,
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
             cpus_per_tile=args.cpus_per_tile,
             overwrite=args.overwrite,
             wait_s=args.wait,
+            allow_hrefs=args.allow_href,
         )
     except IngestBusy as e:
         print(f"busy: {e}", file=sys.stderr)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a sc
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pipeline import zarr_cube  # noqa: E402
+from pipeline.grid import aoi_argv  # noqa: E402
 from pipeline.refresh import PRODUCTS, RefreshConfig, cube_config_from_flags, run_refresh  # noqa: E402
 from pipeline.stac import StacSearchError  # noqa: E402
 
@@ -69,13 +70,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="one GPU per inference actor, bf16 autocast")
     p.add_argument("--num-actors", type=int, default=None)
     p.add_argument("--crs", default=None, help="product CRS (EPSG code or CRS string; default the AOI's UTM zone)")
+    p.add_argument("--allow-href", action="append", default=[], metavar="DIR_OR_URL",
+                   help="also read catalog hrefs under this directory or URL prefix (see jobs/ingest.py)")
     p.add_argument("--wait", type=float, default=0.0,
                    help="seconds to wait for another run of the product to finish (default 0: exit at once)")
     p.add_argument("--allow-partial", action="store_true", help="exit 0 even when tiles failed")
     p.add_argument("--keep-work", action="store_true", help="keep the run's cube and predictions after the commit")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster: an address, 'auto' or 'local'. Default: RAY_ADDRESS if set, else a local Ray")
-    return p.parse_args(argv)
+    return p.parse_args(aoi_argv(sys.argv[1:] if argv is None else argv))
 
 
 def main(argv=None) -> int:
@@ -91,6 +94,7 @@ def main(argv=None) -> int:
         checkpoint=a.checkpoint, support=a.support, season_start=a.season_start, baseline_days=a.baseline_days,
         cube=cube, collections=a.collections, window=a.window, overlap=a.overlap, batch_size=a.batch_size,
         gpu=a.gpu, num_actors=a.num_actors, crs=a.crs, wait_s=a.wait, keep_work=a.keep_work,
+        allow_hrefs=tuple(a.allow_href),
         ray_address=a.ray_address,
     )
     import ray

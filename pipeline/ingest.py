@@ -29,6 +29,7 @@ import shapely.geometry
 from pipeline import zarr_cube
 from pipeline.cube import CubeConfig, assemble_tile
 from pipeline.grid import Tile, tiles_for_aoi
+from pipeline.hrefs import HrefPolicy, HrefRefused
 from pipeline.locks import Busy, RunLock
 from pipeline.providers import GENERIC_PROVIDER_NAME, PROFILES, ProviderError, resolve_item
 from pipeline.stac import StacSource, open_source, search
@@ -110,23 +111,37 @@ def default_collections(source: StacSource) -> list[str]:
 MODALITY_NAMES = {"s2": "Sentinel-2", "s1": "Sentinel-1", "hr": "high-resolution RGB"}
 
 
-def check_items(items: Sequence[pystac.Item], cfg: CubeConfig, say: Callable[[str], None]) -> dict[str, int]:
+def check_items(items: Sequence[pystac.Item], cfg: CubeConfig, say: Callable[[str], None],
+                policy: HrefPolicy | None = None) -> dict[str, int]:
     """Resolve every found item onto the canonical bands before any tile is touched: the usable items per
     modality. Warns about items read with the ``generic`` profile and about requested modalities no item
     serves; raises ``ValueError`` naming the items and what was looked for when no item serves any requested
-    modality (the cube would hold no valid date)."""
+    modality (the cube would hold no valid date), and :class:`pipeline.hrefs.HrefRefused` naming the first
+    band hrefs outside ``policy``."""
     usable: dict[str, int] = {}
     problems: list[str] = []
     generic: list[str] = []
+    refused: list[str] = []
     for it in items:
         try:
             r = resolve_item(it, cfg.provider)
         except ProviderError as e:
             problems.append(str(e))
             continue
+        if policy is not None:
+            for ref in [*r.bands.values(), *r.masks.values()]:
+                try:
+                    policy.check(ref.href, f"item {it.id!r} band {ref.band}")
+                except HrefRefused as e:
+                    refused.append(str(e))
+            if refused:
+                continue
         usable[r.modality] = usable.get(r.modality, 0) + 1
         if r.provider == GENERIC_PROVIDER_NAME:
             generic.append(it.id)
+    if refused:
+        raise HrefRefused(f"{len(refused)} band href(s) refused: {refused[0]}"
+                          + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
     if generic:
         say(f"[ingest] warning: {len(generic)} item(s) match no provider profile (no provider link or 'providers' "
             f"metadata) and are read with the 'generic' profile, bands found from their own metadata: "
@@ -200,6 +215,7 @@ def run_ingest(
     tile_filter: Callable[[Tile], bool] | None = None,
     overwrite: bool = False,
     wait_s: float = 0.0,
+    allow_hrefs: Sequence[str] = (),
 ) -> IngestReport:
     """Build (or complete) the cube at ``out`` for ``aoi`` (a shapely geometry in lon/lat) and [start, end].
 
@@ -208,7 +224,9 @@ def run_ingest(
     that is a file or a directory that is not a cube, unless ``overwrite``) before any tile is touched.
     ``tile_filter`` restricts the run to some of the planned tiles (tests, refreshes). One ingest at a time
     writes a cube: another waits up to ``wait_s`` s for the lock (``OUT.lock`` beside it), then raises
-    :class:`IngestBusy`.
+    :class:`IngestBusy`. The catalog's links and the items' band hrefs must stay within
+    ``pipeline.hrefs.HrefPolicy.for_catalog(catalog, allow_hrefs)`` (``HrefRefused``, a ``ValueError``, before
+    any tile).
     """
     cfg = cfg or CubeConfig()
     out = str(Path(out).resolve())
@@ -217,7 +235,7 @@ def run_ingest(
     with RunLock(Path(out).with_name(f".{Path(out).name}.lock"), wait_s, "ingest into this cube", IngestBusy):
         return _run_ingest(catalog, aoi, start, end, out, cfg, collections=collections, ray_address=ray_address,
                            cpus_per_tile=cpus_per_tile, max_in_flight=max_in_flight, progress=progress,
-                           tile_filter=tile_filter, overwrite=overwrite)
+                           tile_filter=tile_filter, overwrite=overwrite, allow_hrefs=allow_hrefs)
 
 
 class IngestBusy(Busy):
@@ -225,12 +243,12 @@ class IngestBusy(Busy):
 
 
 def _run_ingest(catalog, aoi, start, end, out, cfg, *, collections, ray_address, cpus_per_tile, max_in_flight,
-                progress, tile_filter, overwrite) -> IngestReport:
+                progress, tile_filter, overwrite, allow_hrefs) -> IngestReport:
     import ray
 
     t0 = time.perf_counter()
     say = progress or (lambda s: None)
-    source = open_source(catalog, provider=cfg.provider)
+    source = open_source(catalog, provider=cfg.provider, allow=allow_hrefs)
     cols = list(collections) if collections else default_collections(source)
     if not cols:
         raise ValueError(
@@ -239,7 +257,7 @@ def _run_ingest(catalog, aoi, start, end, out, cfg, *, collections, ray_address,
         )
     window = f"{start.isoformat()}/{end.isoformat()}"
     items = search(source, collections=cols, intersects=shapely.geometry.mapping(aoi), datetime=window)
-    check_items(items, cfg, say)
+    check_items(items, cfg, say, HrefPolicy.for_catalog(catalog, allow_hrefs))
     all_tiles = tiles_for_aoi(aoi, cfg.grid)
     tiles = [t for t in all_tiles if tile_filter(t)] if tile_filter is not None else all_tiles
     say(

@@ -120,6 +120,7 @@ class RefreshConfig:
     num_actors: int | None = None
     crs: str | None = None
     wait_s: float = 0.0
+    allow_hrefs: tuple[str, ...] = ()  # [--allow-href] directories / URL prefixes the catalog may point to
     keep_work: bool = False
     ray_address: str | None = None
 
@@ -347,7 +348,7 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
     tiles = tiles_for_aoi(aoi, ccfg.grid)
     if not tiles:
         raise ValueError(f"the AOI {cfg.aoi} covers no tile")
-    source = open_source(cfg.catalog, provider=ccfg.provider)
+    source = open_source(cfg.catalog, provider=ccfg.provider, allow=cfg.allow_hrefs)
     cols = list(cfg.collections) if cfg.collections else default_collections(source)
     items = search(source, collections=cols, intersects=shapely.geometry.mapping(aoi),
                    datetime=f"{start.isoformat()}/{end.isoformat()}", allow_empty=True)
@@ -410,7 +411,8 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
     need = set(affected) | support_tiles
     init_ray(cfg.ray_address)
     say(f"[refresh] ingesting {len(need)} tile(s) into {cube}")
-    report = run_ingest(cfg.catalog, aoi, start, end, cube, ccfg, collections=cols, ray_address=cfg.ray_address,
+    report = run_ingest(cfg.catalog, aoi, start, end, cube, ccfg, collections=cols, allow_hrefs=cfg.allow_hrefs,
+                        ray_address=cfg.ray_address,
                         tile_filter=lambda t: t.id in need, progress=say)
     ingested = [t for t in affected if zarr_cube.is_done(cube, t)]
     new_files: dict[str, Path] = {}

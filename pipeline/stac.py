@@ -209,7 +209,9 @@ class StaticCatalogSource:
     asset hrefs are made absolute so items from both back ends can be loaded the same way.
     """
 
-    def __init__(self, href: str | os.PathLike, provider: str = "auto"):
+    def __init__(self, href: str | os.PathLike, provider: str = "auto", allow: Sequence[str] = ()):
+        from pipeline.hrefs import HrefPolicy
+
         href = str(href)
         if not href.startswith(("http://", "https://")):
             path = Path(href)
@@ -220,6 +222,7 @@ class StaticCatalogSource:
             href = str(path.resolve())
         self.href = href
         self.provider = provider
+        self.policy = HrefPolicy.for_catalog(href, allow)  # child and item links stay inside it
         self._index: list[_IndexedItem] | None = None
         self.root = self._read(href, expect=(pystac.Catalog, pystac.Collection))
 
@@ -246,6 +249,12 @@ class StaticCatalogSource:
             href = link.get_absolute_href()
             if href is None:
                 raise CatalogFormatError(f"{node.get_self_href()}: cannot resolve link {link.href!r}")
+            from pipeline.hrefs import HrefRefused
+
+            try:
+                self.policy.check(href, f"{link.rel} link of {node.get_self_href()}")
+            except HrefRefused as e:
+                raise CatalogFormatError(str(e)) from None
             if link.rel == "child":
                 yield from self._walk(self._read(href, expect=(pystac.Catalog, pystac.Collection)))
             else:
@@ -390,6 +399,9 @@ class StacApiSource:
             raise StacApiError(
                 f"{self.href}: could not {what}: unreachable after {self.retry.retries} retries: {e}"
             ) from e
+        except (ValueError, KeyError, TypeError, pystac.STACError) as e:  # JSONDecodeError is a ValueError
+            raise StacApiError(f"{self.href}: could not {what}: the answer is not STAC JSON ({type(e).__name__}: "
+                               f"{str(e)[:200]}); is this the landing page of a STAC API?") from e
 
     def collection_ids(self) -> list[str]:
         if self._collections is None:
@@ -415,13 +427,15 @@ class StacApiSource:
         return self._call(lambda: list(self.client.search(**kwargs).items()), f"search ({query.describe()})")
 
 
-def open_source(href: str | os.PathLike, provider: str = "auto", retry: RetryPolicy = RetryPolicy()) -> StacSource:
+def open_source(href: str | os.PathLike, provider: str = "auto", retry: RetryPolicy = RetryPolicy(),
+                allow: Sequence[str] = ()) -> StacSource:
     """The search back end for ``href``: a STAC API URL, or a static catalog (path, directory, or URL of a
-    ``.json`` file)."""
+    ``.json`` file). ``allow``: directories or URL prefixes a static catalog's links may point to besides its own
+    tree (``pipeline.hrefs``)."""
     s = str(href)
     if s.startswith(("http://", "https://")) and not s.endswith(".json"):
         return StacApiSource(s, provider=provider, retry=retry)
-    return StaticCatalogSource(s, provider=provider)
+    return StaticCatalogSource(s, provider=provider, allow=allow)
 
 
 def search(

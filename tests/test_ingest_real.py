@@ -171,7 +171,9 @@ def test_api_path_builds_the_same_cube(pgstac_server, demo_region, tmp_path, ray
     aoi = load_aoi((x0 + 0.4 * (x1 - x0), y0 + 0.4 * (y1 - y0), x0 + 0.6 * (x1 - x0), y0 + 0.5 * (y1 - y0)))
     cfg = CubeConfig(grid=TileGrid(64, 8), t_s2=6, t_s1=3, t_hr=1, hr_ratio=8)
     season = (date(2024, 4, 1), date(2024, 9, 30))
-    a = run_ingest(pgstac_server.url, aoi, *season, tmp_path / "api.zarr", cfg, progress=None)
+    # the API serves items whose assets are the region's local files: allowed explicitly (pipeline.hrefs)
+    a = run_ingest(pgstac_server.url, aoi, *season, tmp_path / "api.zarr", cfg, progress=None,
+                   allow_hrefs=[str(path.parent)])
     b = run_ingest(str(path), aoi, *season, tmp_path / "static.zarr", cfg, progress=None)
     assert a.ok and b.ok and sorted(a.done) == sorted(b.done) and len(a.done) >= 2
     for tid in a.done:
