@@ -64,6 +64,15 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _public(v: Any) -> Any:
+    """A provenance value as it may leave this machine: a local absolute path becomes its last component (the
+    file's name: ``model.safetensors``, ``cube.zarr``); the sha256 fields say which file it was. A published item
+    must not tell the world the layout of the machine that made it."""
+    if isinstance(v, (str, Path)) and "://" not in str(v) and os.path.isabs(str(v)):
+        return Path(v).name
+    return v
+
+
 def _utc(d: datetime | None) -> datetime | None:
     if d is None:
         return None
@@ -210,7 +219,7 @@ def product_item(
 
     if provenance:
         for k, v in provenance.items():
-            item.properties[f"skysense:{k}"] = _jsonable(v)
+            item.properties[f"skysense:{k}"] = _jsonable(_public(v))
         processing = {f"processing:{k}": _jsonable(provenance[k]) for k in _PROCESSING_KEYS if k in provenance}
         if processing:
             item.properties.update(processing)

@@ -72,11 +72,29 @@ def write_static_collection(path: str | Path, collection_id: str, title: str, de
     return path
 
 
+PUBLISH_TOKEN_ENV = "SKYSENSE_PUBLISH_TOKEN"  # sent as "Authorization: Bearer <token>"
+PUBLISH_USER_ENV, PUBLISH_PASSWORD_ENV = "SKYSENSE_PUBLISH_USER", "SKYSENSE_PUBLISH_PASSWORD"  # HTTP basic auth
+
+
+def publish_auth() -> dict[str, Any]:
+    """``requests`` keyword arguments that authenticate to the STAC API being published to, from the
+    environment (never from a flag: command lines are visible to every user of the machine): a bearer token
+    in ``SKYSENSE_PUBLISH_TOKEN``, or basic auth from ``SKYSENSE_PUBLISH_USER`` / ``SKYSENSE_PUBLISH_PASSWORD``;
+    nothing when neither is set."""
+    token = os.environ.get(PUBLISH_TOKEN_ENV)
+    if token:
+        return {"headers": {"Authorization": f"Bearer {token}"}}
+    user = os.environ.get(PUBLISH_USER_ENV)
+    if user:
+        return {"auth": (user, os.environ.get(PUBLISH_PASSWORD_ENV, ""))}
+    return {}
+
+
 def _request(method: str, url: str, what: str, timeout: float, **kw):
     import requests
 
     try:
-        return requests.request(method, url, timeout=timeout, **kw)
+        return requests.request(method, url, timeout=timeout, **publish_auth(), **kw)
     except requests.RequestException as e:
         raise PublishError(f"{what}: {method} {url} failed: {type(e).__name__}: {e}") from None
 
@@ -111,4 +129,7 @@ def _refused(what: str, base: str, r) -> str:
     if r.status_code in (404, 405):
         hint = (" (does the API have the Transactions extension on? stac-fastapi-pgstac: "
                 "ENABLE_TRANSACTIONS_EXTENSIONS=true)")
+    elif r.status_code in (401, 403):
+        hint = (f" (set {PUBLISH_TOKEN_ENV}, or {PUBLISH_USER_ENV} and {PUBLISH_PASSWORD_ENV}, to the API's "
+                "credentials)")
     return f"{what} at {base}: HTTP {r.status_code}: {r.text[:300]}{hint}"

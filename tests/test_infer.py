@@ -251,7 +251,7 @@ def test_landcover_cog_matches_a_direct_prediction(setup, landcover):
     props = item["properties"]
     assert props["skysense:model_preset"] == "tiny"
     assert props["skysense:checkpoint_sha256"] == file_sha256(setup["encoder"])
-    assert props["skysense:input_items"] and props["skysense:cube"] == str(setup["cube"])
+    assert props["skysense:input_items"] and props["skysense:cube"] == Path(setup["cube"]).name
     assert item["assets"]["thumbnail"]["href"].endswith(".png") and out.with_suffix(".png").stat().st_size > 0
     manifest = json.loads((out.parent / "landcover.tiles" / MANIFEST).read_text())
     assert manifest["counts"] == {"done": 4, "failed": 0}

@@ -168,3 +168,50 @@ def _containers(doc: dict):
     yield from walk(doc)
     if "docker" in doc:
         yield {"image": doc["docker"]["image"]}
+
+
+def _containers(node):
+    """Every container spec (a dict with an ``image``) anywhere inside a manifest."""
+    if isinstance(node, dict):
+        if "image" in node and "name" in node:
+            yield node
+        for v in node.values():
+            yield from _containers(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _containers(v)
+
+
+def _clusters(node):
+    """Every Ray cluster spec (a dict with ``headGroupSpec``) inside a manifest."""
+    if isinstance(node, dict):
+        if "headGroupSpec" in node:
+            yield node
+        for v in node.values():
+            yield from _clusters(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _clusters(v)
+
+
+def test_deployments_authenticate_and_local_runs_stay_on_loopback():
+    """Anyone who reaches the dashboard of a cluster without auth runs code on it: every deployed container runs
+    with Ray's token authentication (the token from a Kubernetes Secret), every RayCluster spec turns it on, a
+    dashboard bound to 0.0.0.0 only comes with it, the launcher's dashboard stays on the head's loopback and the
+    image does not switch auth off."""
+    n = 0
+    for p in MANIFESTS:
+        for d in _docs(p):
+            for c in _containers(d):
+                env = {e["name"]: e for e in c.get("env", [])}
+                assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{p.name}: {c['name']} {env}"
+                assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], f"{p.name}: {c['name']}"
+                n += 1
+            for spec in _clusters(d):
+                assert spec.get("authOptions", {}).get("mode") == "token", p.name
+            assert "disabled" not in yaml.safe_dump(d).split("RAY_AUTH_MODE")[-1][:40], p.name
+    assert n >= 5
+    launcher = (INFRA / "cluster" / "aws-gpu.yaml").read_text()
+    assert "--dashboard-host=127.0.0.1" in launcher and "0.0.0.0" not in launcher
+    assert "--env-file" in launcher and "RAY_AUTH_MODE=disabled" not in launcher
+    assert "RAY_AUTH_MODE=disabled" not in (INFRA / "docker" / "Dockerfile").read_text()

@@ -181,7 +181,7 @@ def test_s2_only_catalog_flags_other_modalities_absent(tmp_path, demo_region, ra
     s2_only = subset_catalog(path, ["sentinel-2-l2a"], tmp_path / "s2only")
     aoi = load_aoi(sub_bbox(dcfg, 0.4, 0.4, 0.5, 0.5))
     out = tmp_path / "s2only.zarr"
-    report = run_ingest(str(s2_only), aoi, *SEASON, out, CFG, progress=None)
+    report = run_ingest(str(s2_only), aoi, *SEASON, out, CFG, progress=None, allow_hrefs=[str(path.parent)])
     assert report.ok and report.done
     for tid in report.done:
         ds = zarr_cube.open_tile(out, tid)
@@ -242,7 +242,8 @@ def test_bad_items_are_skipped_with_a_message_and_the_rest_written(tmp_path, dem
     cat.save()
     aoi = load_aoi(sub_bbox(dcfg, 0.3, 0.3, 0.7, 0.7))
     out = tmp_path / "bad.zarr"
-    report = run_ingest(str(work / "catalog.json"), aoi, date(2024, 1, 1), date(2024, 12, 31), out, CFG, progress=None)
+    report = run_ingest(str(work / "catalog.json"), aoi, date(2024, 1, 1), date(2024, 12, 31), out, CFG, progress=None,
+                        allow_hrefs=[str(path.parent)])  # the copied items read the region's COGs
     assert report.ok and report.done, report.summary()
     warnings = " | ".join(w for ws in report.warnings.values() for w in ws)
     assert truncated.id in warnings and missing_file.id in warnings and "no_such_file.tif" in warnings
