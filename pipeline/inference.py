@@ -86,6 +86,7 @@ from pipeline.datasource import (
     window_origins,
 )
 from pipeline.grid import parse_tile_id, utm_epsg, utm_zone
+from pipeline.jsonfiles import read_json
 from pipeline.labels import NODATA
 
 if TYPE_CHECKING:  # pipeline.finetune imports torch: the read and write workers never need it
@@ -762,7 +763,8 @@ class Manifest:
         self.root.mkdir(parents=True, exist_ok=True)
         doc = {}
         if (self.root / MANIFEST).exists():
-            doc = json.loads((self.root / MANIFEST).read_text())
+            doc = read_json(self.root / MANIFEST, "the inference manifest",
+                            "move it away to rebuild the records (finished tile files are predicted again)")
         old_fp = doc.get("fingerprint")
         log = self.root / MANIFEST_LOG
         logged: list[dict] = []

@@ -187,6 +187,32 @@ def resolve_ray_address(address: str | None) -> str:
 LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000, "prestart_worker_first_driver": False}
 
 
+RAY_CONNECT_TIMEOUT_S = 10.0  # [ours] an unreachable cluster is reported after this, instead of minutes of retries
+
+
+class RayUnreachable(ValueError):
+    """The Ray cluster address does not answer."""
+
+
+def check_ray_address(addr: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """A TCP connection to a ``host:port`` or ``ray://host:port`` cluster address within ``timeout`` seconds, or
+    :class:`RayUnreachable` naming it (``ray.init`` itself retries for minutes)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if addr in ("local", "auto"):
+        return
+    hostport = addr.split("://", 1)[1] if "://" in addr else addr
+    parts = urlsplit(f"//{hostport}")
+    if parts.scheme or parts.hostname is None or parts.port is None:
+        raise RayUnreachable(f"--ray-address {addr!r} is not HOST:PORT, ray://HOST:PORT, 'auto' or 'local'")
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+    except OSError as e:
+        raise RayUnreachable(f"the Ray cluster at {addr!r} does not answer ({e}) within {timeout:g} s: check "
+                             "--ray-address or RAY_ADDRESS") from None
+
+
 def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     """Connect to (or start) Ray once per process. ``log_to_driver=False``: the workers' output stays in
     their log files instead of this process's stdout (benchmarks that print JSON lines)."""
@@ -195,8 +221,18 @@ def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     addr = resolve_ray_address(address)
+    if addr.startswith(("http://", "https://")):
+        raise RayUnreachable(f"--ray-address {addr!r} is a dashboard / Jobs API URL: submit with `ray job submit "
+                             f"--address {addr}`, or pass the cluster's HOST:PORT here")
+    check_ray_address(addr)
     extra = {"include_dashboard": False, "_system_config": LOCAL_RAY_SYSTEM_CONFIG} if addr == "local" else {}
-    ray.init(address=addr, log_to_driver=log_to_driver, logging_level=logging.WARNING, **extra)
+    # The job's Python loggers (driver, tasks, actors) report errors only: Ray Train's detached
+    # PlacementGroupCleaner warns every few seconds that the State API (a dashboard service, off on a local Ray)
+    # does not answer, dozens of lines per run that buried the per-step and per-tile progress, which the
+    # pipeline prints. SKYSENSE_RAY_LOG_LEVEL=WARNING (or INFO) brings Ray's messages back.
+    level = os.environ.get("SKYSENSE_RAY_LOG_LEVEL", "ERROR").upper()
+    ray.init(address=addr, log_to_driver=log_to_driver, logging_level=logging.WARNING,
+             logging_config=ray.LoggingConfig(log_level=level), **extra)
 
 
 def run_ingest(

@@ -59,6 +59,7 @@ from pipeline import zarr_cube
 from pipeline.cube import CubeConfig
 from pipeline.flood import NODATA, flood_legend, otsu_flood
 from pipeline.grid import TileGrid, parse_aoi, parse_tile_id, tiles_for_aoi
+from pipeline.jsonfiles import CorruptRecordError, read_json
 from pipeline.locks import Busy, RunLock
 
 PRODUCTS = ("crop", "flood")
@@ -228,8 +229,11 @@ def read_latest(prod_dir: Path) -> dict[str, Any] | None:
     p = prod_dir / LATEST_JSON
     if not p.exists():
         return None
-    ptr = json.loads(p.read_text())
-    return json.loads((prod_dir / ptr["version"] / VERSION_JSON).read_text())
+    fix = "restore it from the version directories (each holds its version.json) or move it away to start over"
+    ptr = read_json(p, "the refresh pointer", fix)
+    if "version" not in ptr:
+        raise CorruptRecordError(f"the refresh pointer {p} names no version; {fix}")
+    return read_json(prod_dir / ptr["version"] / VERSION_JSON, "the version record", fix)
 
 
 def _set_latest(prod_dir: Path, version: dict[str, Any]) -> None:

@@ -241,6 +241,18 @@ def resolve_config(cfg: PretrainJobConfig) -> tuple[PretrainJobConfig, CubeInfo]
         raise ValueError(f"the global batch {cfg.batch_size} is smaller than the {cfg.workers} workers")
     if not 0.0 <= cfg.min_valid <= 1.0:
         raise ValueError(f"min_valid must be a fraction in [0, 1], got {cfg.min_valid}")
+    if cfg.init:  # a bad --init fails here, before Ray starts, not in every worker
+        from pipeline.inference import encoder_config
+
+        if not Path(cfg.init).is_file():
+            raise ValueError(f"--init {cfg.init} does not exist")
+        try:
+            init_cfg, _ = encoder_config(cfg.init)
+        except ValueError as e:
+            raise ValueError(f"--init: {e} (only SkySense safetensors checkpoints are read; a pickle never is)") \
+                from None
+        if init_cfg.name != cfg.preset:
+            raise ValueError(f"--init {cfg.init} holds a {init_cfg.name!r} model, not the --preset {cfg.preset!r}")
     official2 = cfg.objective == "pretrain" and cfg.stage == 2
     if cfg.lr is None or cfg.grad_clip is None:
         from skysense_core.semantic import STAGE2_RECIPE
