@@ -145,6 +145,8 @@ def _read_tile(spec: _Spec, tile_id: str, lat: float, lon: float, label_src) -> 
     attrs = dict(g.attrs)
     if not attrs.get(zarr_cube.DONE_ATTR):
         raise zarr_cube.CubeError(f"tile {tile_id} is not (completely) written in {spec.cube}")
+    zarr_cube.check_tile_chunks(g, [a for m in spec.modalities for a in (m, f"{m}_mask", f"{m}_valid")],
+                                f"tile {tile_id} of {spec.cube}")
     wins = spec.windows
     w, r = spec.window, spec.hr_ratio
     if spec.min_valid > 0:

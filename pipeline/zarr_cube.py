@@ -24,7 +24,10 @@ Layout (documented in the README)::
     CUBE/manifest.json            the last run: done, failed (with reasons), warnings, timings
 
 A tile is written by ``xarray.Dataset.to_zarr`` (mode "w": a re-run after a crash overwrites a partial group)
-and then marked done; readers and re-runs trust only the marker.
+and then marked done; readers and re-runs trust only the marker. Every chunk is written, empty ones included,
+and carries a CRC32C checksum after its Zstandard compression (the Zarr v3 ``crc32c`` codec), so a reader can
+tell a lost or damaged chunk from nodata (:func:`check_tile_chunks`; tiles written before, without the
+``all_chunks`` attribute, are read as they are).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ CUBE_FORMAT = "skysense-cube"
 CUBE_VERSION = 1
 PLANNED, DONE, FAILED = 0, 1, 2
 DONE_ATTR = "done"
+ALL_CHUNKS_ATTR = "all_chunks"  # every array's chunks were written (empty ones too): a missing one is damage
 
 
 class CubeError(RuntimeError):
@@ -278,9 +282,13 @@ def to_dataset(sample: TileSample, cfg: CubeConfig) -> xr.Dataset:
 def write_tile(path: str | Path, sample: TileSample, cfg: CubeConfig) -> None:
     """Write one tile sample (one chunk per array) and then its done marker."""
     ds = to_dataset(sample, cfg)
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
     encoding = {}
     for name, var in ds.variables.items():
         enc: dict[str, Any] = {"chunks": var.shape} if var.ndim else {}
+        if var.ndim:
+            enc["compressors"] = (ZstdCodec(level=0), Crc32cCodec())
         if var.dtype.kind in "uib":
             enc["_FillValue"] = None  # integers are stored as they are; nodata is documented in attrs
         if name.startswith("time_"):
@@ -288,11 +296,27 @@ def write_tile(path: str | Path, sample: TileSample, cfg: CubeConfig) -> None:
             enc.update({"units": "days since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int32",
                         "_FillValue": np.int32(np.iinfo(np.int32).min)})
         encoding[name] = enc
-    ds.to_zarr(
-        str(path), group=tile_group(sample.tile.id), mode="w", zarr_format=3, consolidated=False, encoding=encoding
-    )
+    with zarr.config.set({"array.write_empty_chunks": True}):  # an all-nodata chunk is written, not implied
+        ds.to_zarr(
+            str(path), group=tile_group(sample.tile.id), mode="w", zarr_format=3, consolidated=False,
+            encoding=encoding,
+        )
     g = zarr.open_group(str(path), path=tile_group(sample.tile.id), mode="r+", zarr_format=3)
+    g.attrs[ALL_CHUNKS_ATTR] = True
     g.attrs[DONE_ATTR] = True
+
+
+def check_tile_chunks(g: zarr.Group, names: Iterable[str], where: str) -> None:
+    """Raise :class:`CubeError` when an array of the tile group ``g`` lacks a chunk (a lost file, a partial
+    copy): zarr would read it as its fill value, i.e. a silently empty tile. Tiles written before every chunk
+    was (no ``all_chunks`` attribute) are not checked. Damaged chunks fail their read through the checksum."""
+    if not g.attrs.get(ALL_CHUNKS_ATTR):
+        return
+    for name in names:
+        a = g[name]
+        if a.nchunks_initialized < a.nchunks:
+            raise CubeError(f"{where}: array {name!r} has {a.nchunks_initialized} of its {a.nchunks} chunks; the "
+                            "cube is damaged there: re-ingest the tile (delete its group, then run the ingest again)")
 
 
 def open_tile(path: str | Path, tile_id: str) -> xr.Dataset:

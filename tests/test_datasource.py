@@ -308,3 +308,30 @@ def test_label_classes_come_from_the_rasters_own_tag(demo_region, tmp_path):
         dst.write(data)
     assert label_classes(untagged) is None
     assert label_classes(tmp_path / "missing.tif") is None
+
+
+def test_a_lost_or_damaged_chunk_fails_the_tile_instead_of_reading_as_nodata(cube, tmp_path):
+    """Every chunk is written (empty ones too) with a CRC32C checksum: a chunk file that is gone, or whose bytes
+    changed, makes the tile's read fail with the array named, where zarr alone would return fill values (a
+    100 % nodata tile in a product reported complete)."""
+    import shutil
+
+    from pipeline.inference import read_tiles_local
+
+    copy = tmp_path / "cube.zarr"
+    shutil.copytree(cube["path"], copy)
+    lost, damaged = cube["done"][0], cube["done"][1]
+    g = zarr_cube.tile_group(lost)
+    chunks = [p for p in (copy / g / "s2" / "c").rglob("*") if p.is_file()]
+    assert chunks
+    for p in chunks:
+        p.unlink()
+    with pytest.raises(zarr_cube.CubeError, match=rf"tile {lost}.*'s2' has 0 of its 1 chunks.*re-ingest"):
+        next(read_tiles_local(copy, [lost]))
+    f = next(p for p in (copy / zarr_cube.tile_group(damaged) / "s1_mask" / "c").rglob("*") if p.is_file())
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        next(read_tiles_local(copy, [damaged]))
+    next(read_tiles_local(copy, [cube["done"][2]]))  # the others read as before
