@@ -352,6 +352,17 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
     tiles = tiles_for_aoi(aoi, ccfg.grid)
     if not tiles:
         raise ValueError(f"the AOI {cfg.aoi} covers no tile")
+    if cfg.support:  # support tiles of the refresh's own cube are ingested with the AOI's: they must lie in it
+        from pipeline.inference import parse_support
+
+        own = prod_dir / "refresh-cube"  # a stand-in for the run's cube: entries without "cube" name it
+        ids = {t.id for t in tiles}
+        outside = [e.tile for e in parse_support(cfg.support, own) if Path(e.cube) == own.resolve()
+                   and e.tile not in ids]
+        if outside:
+            raise ValueError(f"--support tile(s) {', '.join(outside)} lie outside the --aoi {cfg.aoi} (its tiles: "
+                             f"{', '.join(sorted(ids)[:4])}{' ...' if len(ids) > 4 else ''}): support tiles are "
+                             "ingested with the AOI's tiles, so they must be among them")
     source = open_source(cfg.catalog, provider=ccfg.provider, allow=cfg.allow_hrefs)
     cols = list(cfg.collections) if cfg.collections else default_collections(source)
     items = search(source, collections=cols, intersects=shapely.geometry.mapping(aoi),

@@ -82,6 +82,9 @@ CASES = [
     Case("demo", "--size-km 0.005", ["--size-km", "0.005"], 2, "the demo needs at least"),
     Case("demo", "--out is a file", ["--out", "{tmp}/file.txt"], 2, "is a file, not a directory"),
     Case("refresh", "AOI polygon of 2 points", ["--aoi", "{tmp}/line.json"], 2, "needs at least 4 positions"),
+    Case("refresh", "--support tiles outside the AOI", ["--checkpoint", "{tmp}/tiny.safetensors", "--support",
+                                                        '{{"labels": "x.tif", "tiles": ["32N_0001_0001"]}}'], 2,
+         "32N_0001_0001 lie outside the --aoi"),
 ]
 
 DEFAULTS = {
