@@ -210,7 +210,8 @@ def test_all_cloudy_season_still_writes_the_tile(tmp_path, demo_region, ray_loca
     day = overcast[0].datetime.date()
     out = tmp_path / "cloudy.zarr"
     report = run_ingest(str(path), aoi, day, day, out, CFG, progress=None)
-    assert report.ok and report.done == [tile.id]
+    # the tile is written, and the run is not a success: its only date is overcast, the cube holds no valid date
+    assert report.done == [tile.id] and report.empty and not report.ok and "NO VALID DATE" in report.summary()
     ds = zarr_cube.open_tile(out, tile.id)
     assert ds.attrs["present"]["s2"] is True and not ds.s2_valid.values.any()
     assert any("no date with at least" in w for w in ds.attrs["warnings"])

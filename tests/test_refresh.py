@@ -188,7 +188,8 @@ def test_refresh_versions_only_touched_tiles(region, tmp_path, pgstac_server_tra
                         keep=lambda it: it.collection_id != S1 or it.datetime.date() < fd)
     state = tmp_path / "state"
     base = ["--product", "flood", "--catalog", str(live), "--aoi", region["bbox"], "--state", str(state),
-            "--collections", S1, *CUBE_FLAGS]
+            "--collections", S1, *CUBE_FLAGS,
+            "--allow-href", str(region["catalog"].parent)]  # the copied items read the region's rasters
 
     # run 1: the first version, as of the flood date (the catalog does not have the flood acquisition yet)
     rc, out, err = refresh([*base, "--as-of", fd.isoformat()], region["gcs"])
