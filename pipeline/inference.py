@@ -466,11 +466,6 @@ class TilePredictor:
 
         cfg, _ = encoder_config(spec.encoder)
         self.feature_dim = feature_dim(spec.features, cfg, spec.modalities)
-        # The model's modules import timm, which imports torchvision and torch._dynamo: 2.3 s on 2 cores. Here,
-        # while Ray Data starts the actor and its read tasks, not in the first tile's clock (the model itself is
-        # built in _load, in the predicting thread).
-        import skysense_core.model  # noqa: F401
-
         self._loaded = False
 
     def _load(self) -> None:
