@@ -26,10 +26,10 @@ def aoi_2x2_tiles(dcfg: DemoConfig, cfg: CubeConfig):
     return load_aoi((*to_ll.transform(x0, y0), *to_ll.transform(x0 + m, y0 + m)))
 
 
-def ingest_2x2_tiles(catalog: Path, dcfg: DemoConfig, cfg: CubeConfig, dest: Path):
-    """Ingest the 2 x 2 tiles of :func:`aoi_2x2_tiles` over :data:`SEASON` into ``dest``; returns ``(aoi, ingest
-    report)``."""
+def ingest_2x2_tiles(catalog: Path, dcfg: DemoConfig, cfg: CubeConfig, dest: Path, **kw):
+    """Ingest the 2 x 2 tiles of :func:`aoi_2x2_tiles` over :data:`SEASON` into ``dest`` (``kw``: more
+    ``run_ingest`` arguments); returns ``(aoi, ingest report)``."""
     aoi = aoi_2x2_tiles(dcfg, cfg)
-    report = run_ingest(str(catalog), aoi, *SEASON, dest, cfg, progress=None)
+    report = run_ingest(str(catalog), aoi, *SEASON, dest, cfg, progress=None, **kw)
     assert report.ok and len(report.done) == 4, report.summary()
     return aoi, report
