@@ -42,6 +42,14 @@ def segment_loss(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> tup
     return loss, {"loss": float(loss.detach()), "loss/segment": float(loss.detach()), "pixel_accuracy": acc}
 
 
+def frozen_in_eval(model: nn.Module) -> None:
+    """Put the modules without a trained parameter back in eval mode (after ``.train()``): frozen parts' dropout
+    and normalisation statistics must not change while others train."""
+    for module in model.modules():
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
 def freeze_all_but(model: nn.Module, train: str) -> None:
     """requires_grad only for the parameters :data:`TRAINABLE` names for ``train``."""
     if train not in TRAINABLE:
@@ -64,11 +72,8 @@ class SegmentationFinetuner(nn.Module):
         self.classifier = nn.Linear(dim, num_classes)
 
     def train(self, mode: bool = True) -> SegmentationFinetuner:
-        """Frozen parts stay in eval mode: their normalisation statistics must not drift while others train."""
         super().train(mode)
-        for module in self.model.modules():
-            if not any(p.requires_grad for p in module.parameters()):
-                module.eval()
+        frozen_in_eval(self.model)
         return self
 
     def forward(self, batch, labels: torch.Tensor, num_classes: int | None = None,
@@ -114,9 +119,7 @@ class CachedFusionFinetuner(nn.Module):
 
     def train(self, mode: bool = True) -> CachedFusionFinetuner:
         super().train(mode)
-        for module in self.model.modules():  # frozen parts keep their eval behaviour (as SegmentationFinetuner)
-            if not any(p.requires_grad for p in module.parameters()):
-                module.eval()
+        frozen_in_eval(self.model)
         return self
 
     def features(self, seq: torch.Tensor, keep: torch.Tensor, doy: torch.Tensor, lat: torch.Tensor,

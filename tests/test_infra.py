@@ -170,28 +170,16 @@ def _containers(doc: dict):
         yield {"image": doc["docker"]["image"]}
 
 
-def _containers(node):
-    """Every container spec (a dict with an ``image``) anywhere inside a manifest."""
+def _dicts(node, has):
+    """Every dict anywhere inside a manifest that holds all the keys ``has``."""
     if isinstance(node, dict):
-        if "image" in node and "name" in node:
+        if all(k in node for k in has):
             yield node
         for v in node.values():
-            yield from _containers(v)
+            yield from _dicts(v, has)
     elif isinstance(node, list):
         for v in node:
-            yield from _containers(v)
-
-
-def _clusters(node):
-    """Every Ray cluster spec (a dict with ``headGroupSpec``) inside a manifest."""
-    if isinstance(node, dict):
-        if "headGroupSpec" in node:
-            yield node
-        for v in node.values():
-            yield from _clusters(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _clusters(v)
+            yield from _dicts(v, has)
 
 
 def test_deployments_authenticate_and_local_runs_stay_on_loopback():
@@ -202,12 +190,12 @@ def test_deployments_authenticate_and_local_runs_stay_on_loopback():
     n = 0
     for p in MANIFESTS:
         for d in _docs(p):
-            for c in _containers(d):
+            for c in (c for c in _containers(d) if "name" in c):  # pods (the launcher's image: checked below)
                 env = {e["name"]: e for e in c.get("env", [])}
                 assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{p.name}: {c['name']} {env}"
                 assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], f"{p.name}: {c['name']}"
                 n += 1
-            for spec in _clusters(d):
+            for spec in _dicts(d, ("headGroupSpec",)):  # Ray cluster specs
                 assert spec.get("authOptions", {}).get("mode") == "token", p.name
             assert "disabled" not in yaml.safe_dump(d).split("RAY_AUTH_MODE")[-1][:40], p.name
     assert n >= 5
