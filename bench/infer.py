@@ -5,11 +5,11 @@ For every window of ``--windows`` (S2 px; default 32 64 128 and the preset's def
 the same tiles, window plan (``PredictorSpec.windows``: the tile core plus its margin, ``--overlap`` px shared by
 neighbouring windows), batch size, weights and torch thread count, in one process:
 
-- ``forward``: the baseline. Every window of the tiles is cut from tile samples read into memory beforehand and
-  collated into model inputs beforehand (windows of the same shape and kept part batched across tiles, as the
-  actor does); the clock runs over the model + the head only (``TilePredictor._window_values``: the encoders on
-  the whole window, the per-location stages on its part in the tile core; CPU or GPU, the same autocast as the
-  pipeline).
+- ``forward``: the baseline. Every window of the tiles is cut from tile samples read into memory and collated
+  into model inputs outside the clock (windows of the same shape and kept part batched across the tiles of a
+  call, as the actor does); the clock runs over the model + the head only (``TilePredictor._window_values``:
+  the encoders on the whole window, the per-location stages on its part in the tile core; CPU or GPU, the same
+  autocast as the pipeline).
 - ``pipeline``: ``pipeline.inference.run_inference`` as the job runs it, from a fresh tile directory: cube read
   tasks -> the inference actor (windows, Hann blending, nodata) -> the per-tile GeoTIFF sink -> the manifest;
   the clock is the pipeline's own (``InferenceResult.seconds["pipeline"]``: first row to last). The mosaic is
@@ -23,7 +23,8 @@ pipeline after its first tile (the rate a long run converges to),
 ``computed_per_core`` = S2 px the model computes per core pixel (margin and overlaps). ``ratio`` = pipeline px/s
 / forward px/s (target >= 0.9). The result line checks the targets of the pipeline figure: ``ms_per_px`` at the
 default window <= 0.1 on 2 CPU cores, and flat across the windows: every window within +-15 % of their median.
-With ``--repeats R`` both sides run R times per window and the medians are used.
+With ``--repeats R`` both sides run R times per window and the medians are used. Each side starts on an idle
+machine (:func:`settle`: Ray's own processes stay busy for seconds after start-up and after each dataset).
 
     python bench/infer.py [--cube out/demo/cube.zarr] [--checkpoint HEAD_OR_RUN_DIR] [--preset tiny] [--tiles 4]
                           [--windows 32 64 128 default] [--overlap 4] [--batch-size 4] [--repeats 1] [--gpu]
@@ -58,6 +59,34 @@ TARGET_FLAT = 0.15
 TARGET_RATIO = 0.9
 
 
+def busy_share(seconds: float = 1.0) -> float | None:
+    """The machine's CPU busy share (0..1) over ``seconds``, from /proc/stat (None where there is none)."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = snap()
+        time.sleep(seconds)
+        t1, i1 = snap()
+    except OSError:
+        return None
+    return 1 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def settle(below: float = 0.15, limit_s: float = 30.0) -> float | None:
+    """Wait until the machine is idle (busy share < ``below``), at most ``limit_s``: Ray's own processes work
+    for several seconds after ``ray.init`` and after each dataset (on 2 cores a forward timed then ran 45 %
+    slower than on an idle machine), and both sides of the comparison must start from the same quiet machine.
+    Returns the last busy share measured."""
+    t_end = time.monotonic() + limit_s
+    share = busy_share()
+    while share is not None and share >= below and time.monotonic() < t_end:
+        share = busy_share()
+    return share
+
+
 def random_head(cube: str, out: Path, preset: str = "tiny") -> Path:
     """A random-init encoder of ``preset`` with the cube's HR ratio, and a linear head on it."""
     import torch
@@ -79,17 +108,19 @@ def random_head(cube: str, out: Path, preset: str = "tiny") -> Path:
 
 def window_inputs(spec, cube: str, tiles: list[str], device, tiles_per_call: int):
     """The model inputs of every window of ``tiles``, batched as ``TilePredictor.predict_rows`` batches them for
-    an actor that gets ``tiles_per_call`` tiles per call."""
+    an actor that gets ``tiles_per_call`` tiles per call: yields (input, kept part) one call's tiles at a time,
+    so that only those are held in memory (all 25 demo tiles at once, ~2.5 GB, made the forward over them 2x
+    slower on this machine)."""
     import numpy as np
 
     from pipeline.datasource import rows_to_input
     from pipeline.inference import read_tiles_local, window_batch
 
-    rows = [{k: v[0] for k, v in b.items()} for b in read_tiles_local(cube, tiles, modalities=list(spec.modalities))]
-    inputs = []
-    for c0 in range(0, len(rows), tiles_per_call):
+    reader = read_tiles_local(cube, tiles, modalities=list(spec.modalities))
+    for c0 in range(0, len(tiles), tiles_per_call):
+        rows = [{k: v[0] for k, v in next(reader).items()} for _ in range(c0, min(c0 + tiles_per_call, len(tiles)))]
         by_shape: dict[tuple, list] = {}
-        for r in range(c0, min(c0 + tiles_per_call, len(rows))):
+        for r in range(len(rows)):
             for y, x, h, w in spec.windows():
                 kept = spec.kept(y, x, h, w)
                 key = (h, w, None if kept is None else (kept[0].start, kept[0].stop, kept[1].start, kept[1].stop))
@@ -99,8 +130,7 @@ def window_inputs(spec, cube: str, tiles: list[str], device, tiles_per_call: int
                 cols = [window_batch(rows[r], [(y, x)], (h, w), spec.hr_ratio, spec.modalities)
                         for r, y, x, _ in items[i:i + spec.batch_size]]
                 x_in, _ = rows_to_input({k: np.concatenate([c[k] for c in cols]) for k in cols[0]}, spec.modalities)
-                inputs.append((x_in.to(device), items[i][3]))
-    return inputs
+                yield x_in.to(device), items[i][3]
 
 
 def model_flops(pred, x, kept=None) -> int:
@@ -122,23 +152,25 @@ def bare_forward(spec, cube: str, tiles: list[str], gpu: bool, tiles_per_call: i
     from pipeline.inference import TilePredictor
 
     pred = TilePredictor(spec)  # the same model, head, device and torch threads as an actor
-    inputs = window_inputs(spec, cube, tiles, pred.device, tiles_per_call)
     out = {}
+    seconds, calls, total = 0.0, 0, 0
     with torch.inference_mode():
-        pred._window_values(*inputs[0])  # warm-up (allocator, kernels), not timed
-        if gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for x, kept in inputs:
+        pred._window_values(*next(window_inputs(spec, cube, tiles[:1], pred.device, 1)))  # warm-up, not timed
+        for x, kept in window_inputs(spec, cube, tiles, pred.device, tiles_per_call):
+            if gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()  # the clock runs over the model calls only
             pred._window_values(x, kept)
-        if gpu:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+            if gpu:
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0
+            calls += 1
+            if flops:
+                total += model_flops(pred, x, kept)
     pixels = len(tiles) * spec.core[1] ** 2
     if flops:
-        total = sum(model_flops(pred, x, kept) for x, kept in inputs)
         out["flops_per_px"] = round(total / pixels)
-    return {"forward_calls": len(inputs), "pixels": pixels, "seconds": round(seconds, 3),
+    return {"forward_calls": calls, "pixels": pixels, "seconds": round(seconds, 3),
             "pixels_per_s": pixels / seconds, "ms_per_px": round(seconds / pixels * 1e3, 4), **out}
 
 
@@ -198,6 +230,7 @@ def main(argv=None) -> int:
                   "cpus": ray.cluster_resources().get("CPU")}
         fwd, pipe, steady_list = [], [], []
         for r in range(a.repeats):
+            settle()
             f = bare_forward(spec, a.cube, tiles, a.gpu, tiles_per_call(base), flops=a.gpu and r == 0)
             fwd.append(f["pixels_per_s"])
             line = {**common, "kind": "forward", "repeat": r, **f}
@@ -211,6 +244,7 @@ def main(argv=None) -> int:
             if a.forward_only:
                 continue
             cfg = dataclasses.replace(base, name=f"w{w}-run-{r}", work_dir=str(out))
+            settle()
             cpu0 = time.process_time()
             res = run_inference(cfg, progress=lambda s: print(s, file=sys.stderr))
             driver_cpu = time.process_time() - cpu0

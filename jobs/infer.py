@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Ray cluster: an address, 'auto' or 'local'. Default: RAY_ADDRESS if set, else a local Ray")
     p.add_argument("--num-actors", type=int, default=None,
                    help="inference actors at most (default: the GPUs with --gpu, else one per 8 CPUs)")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="Ray CPUs per inference actor (default: 1 with --gpu, else the cluster's CPUs less the "
+                        "read share, split over the actors, at most the largest node's)")
     p.add_argument("--max-tiles", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop after N tiles
     p.add_argument("--write-pids", action="store_true", help=argparse.SUPPRESS)  # tests: actors write their pids
     return p.parse_args(argv)
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
         cube=a.cube, checkpoint=a.checkpoint, task=a.task, out=a.out, support=a.support, window=a.window,
         overlap=a.overlap, margin=a.margin, batch_size=a.batch_size, gpu=a.gpu, crs=a.crs, overwrite=a.overwrite,
         allow_partial=a.allow_partial, name=a.name, work_dir=a.work_dir, ray_address=a.ray_address,
-        num_actors=a.num_actors, max_tiles=a.max_tiles, write_pids=a.write_pids,
+        num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, max_tiles=a.max_tiles, write_pids=a.write_pids,
     )
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  (stdout holds the JSON summary only)
     import ray

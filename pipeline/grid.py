@@ -147,6 +147,21 @@ class Tile:
         return slice(h, h + n), slice(h, h + n)
 
 
+def footprints_lonlat(tiles: Sequence[Tile], halo: bool = True) -> np.ndarray:
+    """:meth:`Tile.footprint_lonlat` of many tiles at once, as an object array of polygons: one vectorised
+    densification and one reprojection per UTM zone instead of one per tile (planning 10^5 tiles spent 12 s in
+    the per-tile calls)."""
+    out = np.empty(len(tiles), dtype=object)
+    by_epsg: dict[int, list[int]] = {}
+    for i, t in enumerate(tiles):
+        by_epsg.setdefault(t.epsg, []).append(i)
+    for epsg, idx in by_epsg.items():
+        b = np.array([tiles[i].bounds() if halo else tiles[i].core_bounds() for i in idx], np.float64)
+        boxes = shapely.segmentize(shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3]), (b[:, 2] - b[:, 0]) / 8)
+        out[idx] = to_lonlat(boxes, epsg)
+    return out
+
+
 def parse_tile_id(tile_id: str, grid: TileGrid) -> Tile:
     m = TILE_ID_RE.match(tile_id)
     if not m:

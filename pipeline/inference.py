@@ -476,10 +476,12 @@ class TilePredictor:
         import torch
 
         from pipeline.finetune import load_head
+        from pipeline.malloc import keep_freed_memory
         from skysense_core.checkpoint import load_checkpoint
 
         if self._loaded:
             return
+        keep_freed_memory()
         spec = self.spec
         if spec.threads:
             torch.set_num_threads(spec.threads)
@@ -833,10 +835,11 @@ class InferenceConfig:
     replace an existing product (tiles done earlier with the same settings are reused); allow_partial
     [--allow-partial]: make the product even when tiles failed (they are nodata); name / work_dir [--name,
     --work-dir]: the per-tile directory ``work_dir/name`` (default ``<out dir>/<out stem>.tiles``); ray_address
-    [--ray-address]; num_actors [--num-actors] (default: the GPUs with --gpu, else one per 8 CPUs, at least 1).
+    [--ray-address]; num_actors [--num-actors] (default: the GPUs with --gpu, else one per 8 CPUs, at least 1);
+    cpus_per_actor [--cpus-per-actor] (default 1 with --gpu, else the cluster's CPUs less the read stage's
+    share, split over the actors; at most the CPUs of the cluster's largest node).
 
-    Library only: tiles (a subset of the cube's tiles; default all planned tiles), cpus_per_actor (default 1
-    with --gpu, else the cluster's CPUs less the read stage's share, split over the actors), threads (torch
+    Library only: tiles (a subset of the cube's tiles; default all planned tiles), threads (torch
     threads per actor; default its CPUs, rounded), read_cpus (Ray CPUs of a read task), read_concurrency (read
     tasks at once; default :func:`reader_concurrency`), tiles_per_call (tiles an actor gets per call, their
     windows batched together; default :func:`tiles_per_call`), read_in_actor (the actors read their tiles;
@@ -1164,15 +1167,20 @@ def actor_resources(cfg: InferenceConfig) -> tuple[int, float, int]:
 
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 1)), int(res.get("GPU", 0))
+    # an actor lives on one node: never ask for more CPUs than the largest node has, or it is never placed
+    largest = max((float(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")), default=cpus)
     if cfg.gpu:
         if gpus < 1:
             raise ValueError("--gpu: the Ray cluster has no GPU")
         n = cfg.num_actors or gpus
-        per = cfg.cpus_per_actor or 1.0
+        per = cfg.cpus_per_actor or min(1.0, largest)
     else:
         n = cfg.num_actors or max(1, int(cpus // 8))
         # leave the read stage its share, or it starves behind the actors on small machines
-        per = cfg.cpus_per_actor or max(0.5, (cpus - cfg.read_cpus) / n)
+        per = cfg.cpus_per_actor or min(max(0.5, (cpus - cfg.read_cpus) / n), largest)
+    if per > largest:
+        raise ValueError(f"--cpus-per-actor {per:g}: no node of the Ray cluster has that many CPUs (the largest "
+                         f"has {largest:g})")
     threads = cfg.threads or max(1, round(per))
     return n, per, threads
 

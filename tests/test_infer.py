@@ -328,6 +328,61 @@ def test_stopped_run_resumes_with_only_the_missing_tiles_through_a_killed_actor(
     assert [r["processed"] for r in runs] == [len(first.processed), len(second.processed)]
 
 
+def _node_of(pid: int, nodes) -> object | None:
+    """The cluster_utils node whose raylet started worker process ``pid`` (its parent)."""
+    from tests.ray_cluster import node_of
+
+    return node_of(pid, nodes)
+
+
+def test_worker_node_lost_mid_run_loses_no_tile(setup, tmp_path):
+    """A real multi-node Ray cluster on this machine (``ray.cluster_utils``: a head with no CPU that the job's
+    driver attaches to, two worker nodes of 1 CPU each). While the inference actor predicts a tile, its whole
+    worker node is removed (raylet, object store and workers killed). Ray Data starts a new actor on the other
+    node and retries the tile: the run completes with 0 lost tiles, and every tile equals the undisturbed
+    prediction (in this process, 1 torch thread as the 1-CPU actors)."""
+    from tests.ray_cluster import worker_cluster
+
+    with worker_cluster(workers=2, cpus=1) as (cluster, nodes):
+        out = tmp_path / "lost-node.tif"
+        tile_dir = tmp_path / "lost-node.tiles"
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        cmd = [sys.executable, str(REPO / "jobs" / "infer.py"), "--ray-address", cluster.address, "--cube",
+               setup["cube"], "--checkpoint", setup["probe"], "--task", "landcover", "--out", out, *RUN,
+               "--num-actors", "1", "--cpus-per-actor", "1", "--write-pids"]
+        job = subprocess.Popen(list(map(str, cmd)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        removed = None
+        deadline = time.time() + 240
+        while time.time() < deadline and job.poll() is None and removed is None:
+            busy = sorted((tile_dir / "pids").glob("busy-*")) if (tile_dir / "pids").exists() else []
+            for b in busy:  # the actor is predicting a tile: remove its node
+                pid, ids = int(b.name.split("-")[1]), b.read_text().split() if b.exists() else []
+                if not ids:
+                    continue
+                node = _node_of(pid, nodes)
+                assert node is not None, f"actor {pid} runs on none of the worker nodes"
+                cluster.remove_node(node, allow_graceful=False)
+                removed = pid, ids
+                break
+            time.sleep(0.02)
+        stdout, stderr = job.communicate(timeout=300)
+        assert removed is not None, "the run ended before a node could be removed:\n" + stderr[-3000:]
+        assert job.returncode == 0, stdout[-2000:] + stderr[-6000:]
+        summary = _summary(stdout)
+        assert summary["complete"] and summary["done"] == 4 and summary["failed"] == 0, summary
+        rec = json.loads((tile_dir / MANIFEST).read_text())["tiles"]
+        assert all(r["status"] == "done" for r in rec.values()) and len(rec) == 4
+        pids = {int(p.read_text()) for p in (tile_dir / "pids").glob("actor-*.pid")}
+        assert removed[0] in pids and len(pids) >= 2  # an actor on the other node took over
+        assert all(rec[t]["worker"] != removed[0] for t in removed[1])  # the interrupted tile, done by another
+        direct = _direct(setup, _config(setup, out), threads=1)
+        with rasterio.open(out) as src:
+            for t, pred in direct.items():
+                got = src.read(1, window=_tile_window(src, t))
+                assert np.array_equal(got, pred[0]), (t, float((got != pred[0]).mean()))
+
+
 def test_fewshot_from_labelled_support_tiles(setup, torch_one_thread):
     """The few-shot predictor (in this process: the Ray plumbing is the same for every task) on a query tile,
     from one support tile labelled by the demo's HR land-cover truth: the support window is the one with the

@@ -15,7 +15,7 @@ from pipeline.inference import PredictorSpec, window_spans
 from skysense_core import build_model
 from skysense_core.checkpoint import load_official, to_official
 from skysense_core.encoders import ProjectedGlobalAttention, UPHead
-from skysense_core.fusion import FusionTransformer, extra_token_layer
+from skysense_core.fusion import FusionTransformer, extra_token_layer, pack_kept
 from skysense_core.inputs import ModalityInput, SkySenseInput
 from tests.model_inputs import make_batch
 
@@ -181,6 +181,28 @@ def test_last_fusion_layer_computes_the_extra_token_alone():
     f.train()
     f(x, keep).sum().backward()
     assert all(p.grad is not None for p in f.layers[-1].parameters())
+
+
+def test_fusion_drops_the_tokens_it_does_not_keep():
+    """Packed (each sequence's kept tokens only, sequences taken by kept count, in several CPU chunks) equals the
+    whole padded sequence through every layer; a token that is not kept gets no gradient."""
+    torch.manual_seed(0)
+    f = FusionTransformer(16, 32, 2, 2).eval()
+    s, n = 3000, 20
+    x = torch.randn(s, n, 16)
+    keep = torch.rand(s, n) < torch.rand(s, 1)  # 0 to 20 kept per sequence
+    keep[:7], keep[7:14] = False, True
+    packed, pkeep = pack_kept(x, keep)
+    assert packed.shape[1] == n and pkeep.sum() == keep.sum()  # some sequence keeps all: nothing to cut
+    part, pkeep = pack_kept(x[14:], keep[14:] & (torch.arange(n) < 15))
+    assert part.shape[1] == 15 and torch.equal(pkeep.sum(1), (keep[14:] & (torch.arange(n) < 15)).sum(1))
+    with torch.no_grad():
+        whole = f._forward(x, keep)  # one pass, nothing packed
+        torch.testing.assert_close(f(x, keep), whole, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    f.train()
+    f(x, keep).sum().backward()
+    assert torch.all(x.grad[~keep] == 0) and torch.all(x.grad[keep].abs().sum(-1) > 0)
 
 
 def test_uphead_is_the_conv_and_pixel_shuffle():

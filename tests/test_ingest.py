@@ -25,8 +25,8 @@ from rasterio.enums import Resampling
 from pipeline import bands as B
 from pipeline import demo, zarr_cube
 from pipeline.cube import CubeConfig
-from pipeline.grid import TileGrid, load_aoi, parse_tile_id, tiles_for_aoi
-from pipeline.ingest import run_ingest
+from pipeline.grid import TileGrid, footprints_lonlat, load_aoi, parse_tile_id, tiles_for_aoi
+from pipeline.ingest import assign_items, run_ingest
 from pipeline.stac import EmptySearchError, SearchQuery, StaticCatalogSource
 from tests.raster_ref import reproject_to_tile
 
@@ -307,6 +307,28 @@ def test_aoi_across_two_utm_zones():
         assert t.core_bounds()[0] % CFG.grid.tile_m == 0
 
 
+def test_tiles_matched_to_items_all_at_once_as_one_by_one():
+    """The vectorised footprints and matching (what planning 10^5 tiles runs on) equal the per-tile ones, on an
+    AOI across a zone boundary with items over part of it."""
+    import shapely.geometry
+
+    aoi = load_aoi((11.97, 45.0, 12.03, 45.03))
+    tiles = tiles_for_aoi(aoi, CFG.grid)
+    fps = footprints_lonlat(tiles)
+    assert all(a.equals_exact(t.footprint_lonlat(), 0) for a, t in zip(fps, tiles, strict=True))
+
+    class Footprint:  # what assign_items reads of an item
+        def __init__(self, *bbox):
+            self.geometry = shapely.geometry.mapping(shapely.geometry.box(*bbox))
+
+    items = [Footprint(11.9, 44.9, 12.0, 45.1), Footprint(12.0, 45.0, 12.1, 45.012), Footprint(13, 45, 14, 46)]
+    got = assign_items(tiles, items)
+    tree = shapely.STRtree([shapely.geometry.shape(i.geometry) for i in items])
+    assert got == {t.id: sorted(int(i) for i in tree.query(t.footprint_lonlat(), predicate="intersects"))
+                   for t in tiles}
+    assert {len(v) for v in got.values()} >= {0, 1} and not any(2 in v for v in got.values())
+
+
 def test_cube_of_a_two_zone_aoi(tmp_path, ray_local):
     """A real cube across the 12 E zone boundary (a tiny catalog straddling it): tiles in both zones."""
     from pyproj import Transformer
@@ -420,6 +442,45 @@ def test_killed_run_resumes_to_the_same_cube(tmp_path, demo_region, demo_cube):
         for name in ("s2", "s2_mask", "s2_scl", "s1", "s1_mask", "hr", "hr_mask"):
             np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{t} {name}")
         np.testing.assert_array_equal(a.time_s2.values, b.time_s2.values)
+    assert zarr_cube.open_cube(out).attrs["stats"] == zarr_cube.open_cube(ref_cube).attrs["stats"]
+
+
+def test_worker_node_lost_mid_ingest_loses_no_tile(tmp_path, demo_region, demo_cube):
+    """The ingest job on a real multi-node Ray cluster (``tests.ray_cluster``: a head with no CPU, two worker
+    nodes of 1 CPU). Once a tile is done and while a tile task runs, that task's whole worker node is removed
+    (raylet, object store and workers killed): Ray retries the lost tasks on the other node, the job exits 0
+    with every tile, and the cube equals the undisturbed one."""
+    from tests.ray_cluster import worker_cluster, workers_running
+
+    path, dcfg = demo_region
+    ref_cube, aoi, _ = demo_cube
+    out = tmp_path / "lost-node.zarr"
+    ids = [t.id for t in tiles_for_aoi(aoi, CFG.grid)]
+    with worker_cluster(workers=2, cpus=1) as (cluster, nodes):
+        args = ["--catalog", str(path), "--bbox", *map(str, sub_bbox(dcfg, 0.02, 0.02, 0.98, 0.98)),
+                "--start", SEASON[0].isoformat(), "--end", SEASON[1].isoformat(), "--out", str(out),
+                "--tile-px", "64", "--halo-px", "8", "--t-s2", "8", "--t-s1", "4", "--t-hr", "1", "--hr-ratio", "8",
+                "--ray-address", cluster.address]
+        proc = _run_ingest_job(args)
+        removed = None
+        deadline = time.time() + 240
+        while removed is None and time.time() < deadline and proc.poll() is None:
+            if any(zarr_cube.is_done(out, t) for t in ids):
+                running = workers_running("ingest_tile", nodes)
+                if running:
+                    removed = running[0]
+                    cluster.remove_node(removed[1], allow_graceful=False)
+            time.sleep(0.05)
+        log = proc.communicate(timeout=600)[0]
+        assert removed is not None, "the run ended before a node could be removed:\n" + log[-3000:]
+        assert proc.returncode == 0, log[-6000:]
+    assert all(zarr_cube.is_done(out, t) for t in ids)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["done"]) == set(ids) and not manifest["failed"]
+    for t in ids:
+        a, b = zarr_cube.open_tile(out, t), zarr_cube.open_tile(ref_cube, t)
+        for name in ("s2", "s2_mask", "s2_scl", "s1", "s1_mask", "hr", "hr_mask"):
+            np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{t} {name}")
     assert zarr_cube.open_cube(out).attrs["stats"] == zarr_cube.open_cube(ref_cube).attrs["stats"]
 
 
