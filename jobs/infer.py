@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a sc
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pipeline import zarr_cube  # noqa: E402
-from pipeline.inference import TASKS, InferenceConfig, run_inference  # noqa: E402
+from pipeline.inference import DEFAULT_PART_PX, TASKS, InferenceConfig, run_inference  # noqa: E402
 
 SUPPORT_HELP = """fewshot: the k labelled support tiles, a JSON file or JSON text, either
 {"labels": RASTER, "tiles": [TILE_ID, ...]} (one label raster for all) or
@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-actor", type=float, default=None,
                    help="Ray CPUs per inference actor (default: 1 with --gpu, else the cluster's CPUs less the "
                         "read share, split over the actors, at most the largest node's)")
+    p.add_argument("--part-px", type=int, default=DEFAULT_PART_PX,
+                   help="a product wider or taller than this many pixels is written as COG parts of this side "
+                        "with a VRT joining them (OUT.vrt) and a STAC Collection (OUT.json) (default: "
+                        f"{DEFAULT_PART_PX})")
     p.add_argument("--max-tiles", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop after N tiles
     p.add_argument("--write-pids", action="store_true", help=argparse.SUPPRESS)  # tests: actors write their pids
     return p.parse_args(argv)
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
         cube=a.cube, checkpoint=a.checkpoint, task=a.task, out=a.out, support=a.support, window=a.window,
         overlap=a.overlap, margin=a.margin, batch_size=a.batch_size, gpu=a.gpu, crs=a.crs, overwrite=a.overwrite,
         allow_partial=a.allow_partial, name=a.name, work_dir=a.work_dir, ray_address=a.ray_address,
-        num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, max_tiles=a.max_tiles, write_pids=a.write_pids,
+        num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, part_px=a.part_px, max_tiles=a.max_tiles,
+        write_pids=a.write_pids,
     )
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  (stdout holds the JSON summary only)
     import ray

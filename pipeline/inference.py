@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 import traceback
@@ -102,6 +103,7 @@ DEFAULT_WINDOW = 32  # few-shot, and presets not in PRESET_WINDOW
 # pair's height) keep one window's activations within a few GiB in bf16. With the bounded global attention the
 # cost per pixel hardly depends on the window, so the largest that fits memory wastes the least on overlaps.
 PRESET_WINDOW = {"tiny": 256, "small": 64, "base": 64, "huge": 32}
+DEFAULT_PART_PX = 32768  # [ours] side of the largest single-COG product: 1 GiB of uint8, 328 km at 10 m
 DEFAULT_OVERLAP = 4  # [ours] S2 px shared by neighbouring windows inside a tile, blended with the Hann weight
 # [ours] S2 px of context predicted around the tile core (within the halo) and then dropped: a core pixel at the
 # tile edge sees this much of the neighbouring tile, so both sides of a tile border are predicted alike.
@@ -846,7 +848,9 @@ class InferenceConfig:
     default :func:`reads_in_actor`), seed (few-shot label ids), max_tiles (test hook:
     stop after this many tiles, before the mosaic), write_pids (test hook: actors write their pids to
     ``<tile dir>/pids``), make_product (False: predict the tiles and stop; the caller mosaics them with others,
-    as ``pipeline.refresh`` does)."""
+    as ``pipeline.refresh`` does); part_px [--part-px]: a product wider or taller than this (output px) is
+    written as COGs of part_px x part_px on one grid, made by parallel Ray tasks, with a VRT that opens them as
+    one raster and a STAC Collection of the parts (``pipeline.mosaic.mosaic_parts``); below it, one COG."""
 
     cube: str
     checkpoint: str
@@ -876,6 +880,7 @@ class InferenceConfig:
     max_tiles: int | None = None
     write_pids: bool = False
     make_product: bool = True
+    part_px: int = DEFAULT_PART_PX
 
 
 @dataclass
@@ -976,6 +981,11 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         raise ValueError(f"--out must be a GeoTIFF path (.tif), got {out}")
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"the product {out} exists: pass --overwrite to replace it")
+    if out.with_suffix(".vrt").exists() and not cfg.overwrite:
+        raise FileExistsError(f"the product {out.with_suffix('.vrt')} (in parts) exists: pass --overwrite to "
+                              f"replace it")
+    if cfg.part_px < 16:
+        raise ValueError(f"--part-px must be >= 16, got {cfg.part_px}")
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a directory")
     if cfg.batch_size < 1:
@@ -1220,23 +1230,67 @@ def _input_items(cube: str, tiles: Sequence[str]) -> list[str]:
     return sorted(items)
 
 
+def product_side_px(tiles: Sequence[str], grid, dst_crs: str | int | None) -> int:
+    """The larger side, in 10 m output pixels, of the mosaic of ``tiles``' cores in ``dst_crs`` (default the
+    first tile's UTM zone, as the mosaic's default for one zone), from the tile ids alone (no file read)."""
+    import shapely
+    from pyproj import CRS as PCRS
+    from pyproj import Transformer
+
+    from pipeline.grid import footprints_lonlat, parse_tile_id
+
+    parsed = [parse_tile_id(t, grid) for t in tiles]
+    if not parsed:
+        return 0
+    fps = footprints_lonlat(parsed, halo=False)
+    dst = PCRS.from_user_input(dst_crs) if dst_crs is not None else PCRS.from_epsg(parsed[0].epsg)
+    tr = Transformer.from_crs(4326, dst, always_xy=True)
+    x0, y0, x1, y1 = shapely.total_bounds(shapely.transform(fps, lambda xy: np.column_stack(tr.transform(xy[:, 0],
+                                                                                                        xy[:, 1]))))
+    res = grid.res_m if dst.is_projected else grid.res_m / 111_320.0
+    return int(math.ceil(max(x1 - x0, y1 - y0) / res))
+
+
+def _ray_map(num_cpus: float):
+    """``map_fn`` for :func:`pipeline.mosaic.mosaic_parts`: one Ray task per part when Ray runs, else in turn."""
+    import ray
+
+    def run(fn, args):
+        if not ray.is_initialized():
+            return [fn(a) for a in args]
+        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        return ray.get([task.remote(a) for a in args])
+
+    return run
+
+
 def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str], say) -> tuple[Path, Path, Path]:
-    """The mosaic COG, its quicklook PNG and STAC item from the done tiles."""
-    from pipeline.mosaic import mosaic_tiles, product_blocksize, quicklook_png
-    from pipeline.product_item import product_item, write_item
+    """The mosaic COG (or, past ``part_px``, the part COGs and their VRT), its quicklook PNG and STAC item (or
+    collection of part items) from the done tiles."""
+    from pipeline.mosaic import mosaic_parts, mosaic_tiles, product_blocksize, quicklook_png
+    from pipeline.product_item import product_item, write_item, write_parts_collection
 
     cfg, spec = plan.config, plan.spec
     tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256,
             "window": str(spec.window), "overlap": str(spec.overlap)}
     classes = spec.task != "embeddings"
-    cog = mosaic_tiles(
-        [tile_path(plan.tile_dir, t) for t in sorted(done)], plan.out, dst_crs=plan.dst_crs, nodata=plan.nodata,
-        blocksize=product_blocksize(spec.core[1], len(done)),
-        resampling="nearest" if classes else "bilinear", overview_resampling="mode" if classes else "average",
-        colormap=(plan.colormap or None) if classes else None,
-        class_names=(plan.class_names or None) if classes else None,
-        band_names=plan.band_names, tags=tags, overwrite=True, progress=say,
-    )
+    grid = zarr_cube.cube_config(zarr_cube.open_cube(plan.fingerprint["cube"])).grid
+    common = dict(dst_crs=plan.dst_crs, nodata=plan.nodata,
+                  resampling="nearest" if classes else "bilinear",
+                  overview_resampling="mode" if classes else "average",
+                  colormap=(plan.colormap or None) if classes else None,
+                  class_names=(plan.class_names or None) if classes else None,
+                  band_names=plan.band_names, tags=tags, overwrite=True, progress=say)
+    tiles = [tile_path(plan.tile_dir, t) for t in sorted(done)]
+    in_parts = product_side_px(sorted(done), grid, plan.dst_crs) > cfg.part_px
+    if in_parts:
+        n_side = math.ceil(cfg.part_px / spec.core[1])
+        cog, parts = mosaic_parts(tiles, plan.out.with_suffix(".vrt"), cfg.part_px, map_fn=_ray_map(0.5),
+                                  blocksize=product_blocksize(spec.core[1], n_side * n_side), **common)
+        for stale in (plan.out, plan.out.with_suffix(".json")):  # a single-COG product of an earlier run
+            stale.unlink(missing_ok=True)
+    else:
+        cog = mosaic_tiles(tiles, plan.out, blocksize=product_blocksize(spec.core[1], len(done)), **common)
     png = quicklook_png(cog, plan.out.with_suffix(".png"))
     search = plan.search
     start = datetime.fromisoformat(search["start"]) if search.get("start") else None
@@ -1252,6 +1306,16 @@ def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str
     }
     if spec.support is not None:
         provenance["support_windows"] = [list(o) for o in spec.support.origins]
+    if in_parts:
+        items = [product_item(p, item_id=f"{plan.out.stem}-{p.stem}", start=start, end=end,
+                              class_names=(plan.class_names or None) if classes else None,
+                              colormap=(plan.colormap or None) if classes else None, provenance=provenance)
+                 for p in parts]
+        item_path = write_parts_collection(
+            items, cog, plan.out.with_suffix(".json"), collection_id=plan.out.stem, quicklook=png,
+            description=f"SkySense {cfg.task} product in {len(parts)} COG part(s) of at most {cfg.part_px} px, "
+                        f"joined by {cog.name}")
+        return cog, png, item_path
     item = product_item(cog, item_id=plan.out.stem, start=start, end=end,
                         class_names=(plan.class_names or None) if classes else None,
                         colormap=(plan.colormap or None) if classes else None, provenance=provenance, quicklook=png)

@@ -54,7 +54,7 @@ from rasterio.windows import Window
 from pipeline.cog import cog_options
 from pipeline.grid import utm_epsg, utm_zone
 
-__all__ = ["class_names_tag", "mosaic_tiles", "quicklook_png"]
+__all__ = ["class_names_tag", "mosaic_parts", "mosaic_tiles", "plan_parts", "quicklook_png", "write_vrt"]
 
 # Points per tile edge when a tile's bounds are projected into another CRS: a UTM square is not a square in
 # EPSG:3035 or in lon/lat, and its corners alone can miss a bulging edge.
@@ -232,6 +232,185 @@ def _temp_compression(nbytes: float, directory: Path) -> str | None:
     return None if nbytes < free / 4 else "zstd"
 
 
+def _output_grid(infos: list[_Tile], crss: list[CRS], dst_crs, resolution, extent=None):
+    """(output CRS, resolution, every tile's bounds in it (N, 4), (x0, y1, width, height)) of a mosaic: the
+    grid aligned to multiples of the resolution over the tiles' union, or over ``extent``."""
+    dcrs = _default_crs(infos, crss) if dst_crs is None else CRS.from_user_input(dst_crs)
+    res = float(resolution) if resolution is not None else _default_resolution(infos, crss, dcrs)
+    if not res > 0:
+        raise ValueError(f"resolution must be > 0, got {res}")
+    bounds = _tile_bounds(infos, crss, dcrs)
+    left, bottom, right, top = extent if extent is not None else (
+        bounds[:, 0].min(), bounds[:, 1].min(), bounds[:, 2].max(), bounds[:, 3].max())
+    # Snap outwards to multiples of the resolution; the tolerance keeps exact multiples where they are.
+    x0 = math.floor(left / res + _ALIGN_TOL) * res
+    y1 = math.ceil(top / res - _ALIGN_TOL) * res
+    width = math.ceil((right - x0) / res - _ALIGN_TOL)
+    height = math.ceil((y1 - bottom) / res - _ALIGN_TOL)
+    return dcrs, res, bounds, (x0, y1, width, height)
+
+
+@dataclass(frozen=True)
+class ProductPart:
+    """One COG of a product split in parts: its place in the product grid (row and column of parts; pixel
+    offset and size), its extent in the product CRS and the indices of the tiles under it."""
+
+    row: int
+    col: int
+    px: tuple[int, int, int, int]  # column offset, row offset, width, height in product pixels
+    bounds: tuple[float, float, float, float]
+    tiles: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"r{self.row:03d}_c{self.col:03d}.tif"
+
+
+@dataclass(frozen=True)
+class PartsPlan:
+    """The product grid and its parts (:func:`plan_parts`)."""
+
+    crs: CRS
+    res: float
+    transform: Affine
+    width: int
+    height: int
+    count: int
+    dtype: np.dtype
+    nodata: float | int | None
+    parts: tuple[ProductPart, ...]
+
+
+def plan_parts(tiles: Sequence[str | Path], part_px: int, *, dst_crs=None, resolution=None, nodata=255,
+               progress: Callable[[str], None] | None = None) -> PartsPlan:
+    """The grid of the whole product (as :func:`mosaic_tiles` would make it) cut into parts of ``part_px`` x
+    ``part_px`` output pixels (the last row and column smaller), each with the tiles under it; parts no tile
+    touches are left out. One pass over the tile headers."""
+    if part_px < 16:
+        raise ValueError(f"part_px must be >= 16, got {part_px}")
+    paths = [str(p) for p in tiles]
+    if not paths:
+        raise ValueError("no tiles to mosaic")
+    infos, crss, count, dtype = _read_headers(paths, progress)
+    if nodata is None:
+        nodata = infos[0].nodata
+    dcrs, res, bounds, (x0, y1, width, height) = _output_grid(infos, crss, dst_crs, resolution)
+    tree = shapely.STRtree(shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3]))
+    parts = []
+    for r, r0 in enumerate(range(0, height, part_px)):
+        for c, c0 in enumerate(range(0, width, part_px)):
+            w, h = min(part_px, width - c0), min(part_px, height - r0)
+            left, top = x0 + c0 * res, y1 - r0 * res
+            box = (left, top - h * res, left + w * res, top)
+            # strictly inside: a tile that only touches the part's edge puts no pixel in it
+            hits = [int(i) for i in np.sort(tree.query(shapely.box(*box), predicate="intersects"))
+                    if shapely.box(*bounds[i]).intersection(shapely.box(*box)).area > 0]
+            if hits:
+                parts.append(ProductPart(r, c, (c0, r0, w, h), box, tuple(hits)))
+    return PartsPlan(dcrs, res, Affine(res, 0.0, x0, 0.0, -res, y1), width, height, count, np.dtype(dtype), nodata,
+                     tuple(parts))
+
+
+def mosaic_parts(
+    tiles: Sequence[str | Path],
+    out_vrt: str | Path,
+    part_px: int,
+    *,
+    map_fn: Callable[[Callable, list], list] | None = None,
+    dst_crs: str | int | None = None,
+    resolution: float | None = None,
+    nodata: float | int | None = 255,
+    colormap: Mapping[int, tuple[int, int, int, int]] | None = None,
+    class_names: Mapping[int, str] | Sequence[str] | None = None,
+    band_names: Sequence[str] | None = None,
+    tags: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+    **mosaic_kwargs,
+) -> tuple[Path, list[Path]]:
+    """A product too large for one COG: one COG per part of ``part_px`` output pixels (:func:`plan_parts`) in
+    ``<out_vrt stem>.parts/``, each made by :func:`mosaic_tiles` over its tiles on the whole product's grid,
+    and a GDAL VRT at ``out_vrt`` that GDAL, QGIS and rasterio open as one raster (the parts on the same grid,
+    so the VRT is exact: no resampling). ``map_fn(fn, args_list) -> results`` runs the parts (default: one
+    after another; ``pipeline.inference`` passes Ray tasks). The other arguments as :func:`mosaic_tiles`.
+    Returns (VRT path, part COG paths)."""
+    out_vrt = Path(out_vrt)
+    if out_vrt.exists() and not overwrite:
+        raise FileExistsError(f"mosaic output {out_vrt} exists: remove it or pass overwrite=True")
+    say = progress or (lambda _msg: None)
+    plan = plan_parts(tiles, part_px, dst_crs=dst_crs, resolution=resolution, nodata=nodata)
+    say(f"mosaic: {plan.width} x {plan.height} px in {len(plan.parts)} part(s) of at most {part_px} px")
+    parts_dir = out_vrt.with_suffix(".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for p in tiles]
+    common = dict(dst_crs=plan.crs.to_epsg() or plan.crs.to_wkt(), resolution=plan.res, nodata=plan.nodata,
+                  colormap=colormap, class_names=class_names, band_names=band_names, tags=tags, overwrite=True,
+                  **mosaic_kwargs)
+    jobs = [([paths[i] for i in p.tiles], str(parts_dir / p.name), p.bounds, common) for p in plan.parts]
+    run = map_fn or (lambda fn, args: [fn(a) for a in args])
+    written = [Path(p) for p in run(_mosaic_part, jobs)]
+    for stale in set(parts_dir.glob("r*_c*.tif")) - set(written):  # parts of an earlier, larger product
+        stale.unlink()
+    write_vrt(out_vrt, plan, written, colormap=colormap, class_names=class_names, band_names=band_names,
+              tags=tags)
+    say(f"mosaic: wrote {out_vrt} over {len(written)} part COG(s) in {parts_dir.name}/")
+    return out_vrt, written
+
+
+def _mosaic_part(job) -> str:
+    """One part of :func:`mosaic_parts` (a top-level function: Ray tasks pickle it)."""
+    tiles, out, bounds, common = job
+    return str(mosaic_tiles(tiles, out, bounds=bounds, **common))
+
+
+def write_vrt(path: str | Path, plan: PartsPlan, parts: Sequence[str | Path], *, colormap=None, class_names=None,
+              band_names=None, tags=None) -> Path:
+    """A GDAL VRT of the part COGs on the product grid of ``plan`` (sources relative to the VRT). Hand-written
+    XML: rasterio has no ``BuildVRT`` and GDAL's Python bindings are not a dependency; parts on one grid need
+    only a ``SimpleSource`` each, with the part's pixel window as ``DstRect``."""
+    import xml.etree.ElementTree as ET
+
+    path = Path(path)
+    by_name = {p.name: p for p in plan.parts}
+    root = ET.Element("VRTDataset", rasterXSize=str(plan.width), rasterYSize=str(plan.height))
+    ET.SubElement(root, "SRS", dataAxisToSRSAxisMapping="1,2").text = plan.crs.to_wkt()
+    t = plan.transform
+    ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
+    all_tags = dict(tags or {})
+    if class_names is not None:
+        all_tags["class_names"] = class_names_tag(class_names)
+    if all_tags:
+        md = ET.SubElement(root, "Metadata")
+        for k, v in all_tags.items():
+            ET.SubElement(md, "MDI", key=str(k)).text = str(v)
+    gdal_type = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
+                 "float32": "Float32", "float64": "Float64"}[plan.dtype.name]
+    for b in range(1, plan.count + 1):
+        band = ET.SubElement(root, "VRTRasterBand", dataType=gdal_type, band=str(b))
+        if plan.nodata is not None:
+            ET.SubElement(band, "NoDataValue").text = "nan" if _is_nan(plan.nodata) else repr(plan.nodata)
+        if band_names is not None:
+            ET.SubElement(band, "Description").text = str(band_names[b - 1])
+        if colormap is not None and b == 1:
+            ET.SubElement(band, "ColorInterp").text = "Palette"
+            table = ET.SubElement(band, "ColorTable")
+            for v in range(max(int(k) for k in colormap) + 1):
+                rgba = tuple(colormap.get(v, (0, 0, 0, 0))) + (255,) * (4 - len(tuple(colormap.get(v, (0, 0, 0, 0)))))
+                ET.SubElement(table, "Entry", c1=str(rgba[0]), c2=str(rgba[1]), c3=str(rgba[2]), c4=str(rgba[3]))
+        for p in parts:
+            part = by_name[Path(p).name]
+            c0, r0, w, h = part.px
+            src = ET.SubElement(band, "SimpleSource")
+            ET.SubElement(src, "SourceFilename", relativeToVRT="1").text = os.path.relpath(p, path.parent)
+            ET.SubElement(src, "SourceBand").text = str(b)
+            ET.SubElement(src, "SrcRect", xOff="0", yOff="0", xSize=str(w), ySize=str(h))
+            ET.SubElement(src, "DstRect", xOff=str(c0), yOff=str(r0), xSize=str(w), ySize=str(h))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    ET.ElementTree(root).write(tmp, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def product_blocksize(tile_px: int, n_tiles: int) -> int:
     """Internal tile side of a product of ``n_tiles`` tile cores of ``tile_px``: 512 px, smaller for small
     products (GDAL makes overviews only down to one block, and a demo product of a few tiles should have
@@ -259,6 +438,7 @@ def mosaic_tiles(
     chunk_mb: float = 32.0,
     cache_mb: int = 64,
     num_threads: int | str = "ALL_CPUS",
+    bounds: Sequence[float] | None = None,
 ) -> Path:
     """Mosaic per-tile GeoTIFFs into one COG at ``out`` and return its path.
 
@@ -276,7 +456,9 @@ def mosaic_tiles(
     ``band_names`` the band descriptions; ``tags`` extra dataset tags.
     ``blocksize``: internal tile side of the COG in pixels. ``chunk_mb``: memory of one output chunk (MB);
     ``cache_mb``: GDAL block cache (MB); ``num_threads``: GDAL threads for compression and overviews.
-    ``progress`` is called with a line of text per stage.
+    ``progress`` is called with a line of text per stage. ``bounds``: (left, bottom, right, top) in ``dst_crs``
+    units, the output's extent instead of the tiles' union (snapped outwards to the resolution; one part of a
+    larger product, :func:`mosaic_parts`).
 
     Raises ``FileExistsError`` when ``out`` exists and not ``overwrite``, ``FileNotFoundError`` for a
     missing tile and ``ValueError`` for a tile that cannot be read or does not match the others.
@@ -303,16 +485,7 @@ def mosaic_tiles(
         if colormap is not None and (count != 1 or dtype not in (np.uint8, np.uint16)):
             raise ValueError(f"a colour table needs single-band uint8/uint16 tiles, not {count} band(s) of {dtype}")
 
-        dcrs = _default_crs(infos, crss) if dst_crs is None else CRS.from_user_input(dst_crs)
-        res = float(resolution) if resolution is not None else _default_resolution(infos, crss, dcrs)
-        if not res > 0:
-            raise ValueError(f"resolution must be > 0, got {res}")
-        bounds = _tile_bounds(infos, crss, dcrs)
-        # Snap outwards to multiples of the resolution; the tolerance keeps exact multiples where they are.
-        x0 = math.floor(bounds[:, 0].min() / res + _ALIGN_TOL) * res
-        y1 = math.ceil(bounds[:, 3].max() / res - _ALIGN_TOL) * res
-        width = math.ceil((bounds[:, 2].max() - x0) / res - _ALIGN_TOL)
-        height = math.ceil((y1 - bounds[:, 1].min()) / res - _ALIGN_TOL)
+        dcrs, res, bounds, (x0, y1, width, height) = _output_grid(infos, crss, dst_crs, resolution, bounds)
         transform = Affine(res, 0.0, x0, 0.0, -res, y1)
         say(f"mosaic: {len(infos)} tiles -> {width} x {height} px, {count} band(s) {dtype}, {dcrs}, {res:g}")
 

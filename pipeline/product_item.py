@@ -247,3 +247,55 @@ def write_item(item: pystac.Item, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+VRT_MEDIA_TYPE = "application/x-gdal-vrt"  # [ours] GDAL has no registered media type for VRT
+
+
+def write_parts_collection(parts: Sequence[pystac.Item], vrt: str | Path, path: str | Path, *, collection_id: str,
+                           description: str, quicklook: str | Path | None = None) -> Path:
+    """A product made of several COGs (``pipeline.mosaic.mosaic_parts``) as a STAC Collection at ``path``: one
+    item per part (``product_item`` of each part COG, written beside its COG as ``<part>.json``), ``item``
+    links from the collection, the VRT that joins the parts as its ``index`` asset (``data`` role too: GDAL and
+    QGIS open it as one raster). Local hrefs are relative, so the product directory can move. Returns the
+    path."""
+    path, vrt = Path(path), Path(vrt)
+    if not parts:
+        raise ValueError("a product collection needs at least one part")
+    starts = [p.common_metadata.start_datetime or p.datetime for p in parts]
+    ends = [p.common_metadata.end_datetime or p.datetime for p in parts]
+    bboxes = [p.bbox for p in parts]
+    bbox = [min(b[0] for b in bboxes), min(b[1] for b in bboxes), max(b[2] for b in bboxes),
+            max(b[3] for b in bboxes)]
+    coll = pystac.Collection(
+        id=collection_id, description=description, license="other",
+        extent=pystac.Extent(pystac.SpatialExtent([bbox]),
+                             pystac.TemporalExtent([[min(d for d in starts if d), max(d for d in ends if d)]])),
+    )
+    coll.add_asset("index", pystac.Asset(href=str(vrt.resolve()), media_type=VRT_MEDIA_TYPE, roles=["data", "index"],
+                                         title="all parts as one raster (GDAL VRT)"))
+    if quicklook is not None:
+        coll.add_asset("thumbnail", pystac.Asset(href=str(Path(quicklook).resolve()), media_type=pystac.MediaType.PNG,
+                                                 roles=["thumbnail"]))
+    coll.set_self_href(str(path.resolve()))
+    for item in parts:
+        data = Path(item.assets["data"].href)
+        item_path = data.with_suffix(".json")
+        item.collection_id = collection_id
+        item.add_link(pystac.Link(pystac.RelType.COLLECTION, os.path.relpath(path.resolve(), item_path.parent),
+                                  media_type=pystac.MediaType.JSON))
+        write_item(item, item_path)
+        coll.add_link(pystac.Link(pystac.RelType.ITEM, os.path.relpath(item_path.resolve(), path.parent),
+                                  media_type=pystac.MediaType.GEOJSON, title=item.id))
+    coll.make_all_asset_hrefs_relative()
+    doc = coll.to_dict(include_self_link=False, transform_hrefs=False)
+    for a in doc.get("assets", {}).values():  # relative to the collection file
+        if Path(a["href"]).is_absolute():
+            a["href"] = os.path.relpath(a["href"], path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

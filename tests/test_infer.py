@@ -258,6 +258,32 @@ def test_landcover_cog_matches_a_direct_prediction(setup, landcover):
     assert all((out.parent / "landcover.tiles" / r["file"]).exists() for r in manifest["tiles"].values())
 
 
+def test_product_past_part_px_is_cog_parts_with_a_vrt_and_a_collection(setup, landcover, tmp_path):
+    """The landcover tiles of the reference run made into a product of 32 px parts (``part_px``): 2 x 2 part
+    COGs written by Ray tasks, a VRT that opens as one raster equal pixel for pixel to the single-COG product,
+    and a STAC Collection whose items are the parts."""
+    import pystac
+
+    ref, _ = landcover
+    out = tmp_path / "landcover.tif"
+    res = run_inference(_config(setup, out, name="landcover.tiles", work_dir=str(ref.parent), part_px=32),
+                        progress=None)
+    assert res.complete and not res.processed and len(res.skipped) == 4  # the reference run's tiles, reused
+    assert res.out == tmp_path / "landcover.vrt" and not out.exists()
+    parts = sorted((tmp_path / "landcover.parts").glob("*.tif"))
+    assert [p.name for p in parts] == ["r000_c000.tif", "r000_c001.tif", "r001_c000.tif", "r001_c001.tif"]
+    with rasterio.open(res.out) as many, rasterio.open(ref) as one:
+        assert (many.crs, many.transform, many.shape) == (one.crs, one.transform, one.shape)
+        assert np.array_equal(many.read(), one.read())
+        assert {k: many.colormap(1)[k] for k in range(7)} == {k: one.colormap(1)[k] for k in range(7)}
+    coll = pystac.Collection.from_file(str(res.item))
+    items = list(coll.get_items())
+    assert sorted(Path(i.assets["data"].get_absolute_href()).name for i in items) == [p.name for p in parts]
+    assert all(i.collection_id == "landcover" and i.properties["skysense:model_preset"] == "tiny" for i in items)
+    assert Path(coll.assets["index"].get_absolute_href()) == res.out
+    assert res.quicklook.exists()
+
+
 def test_embeddings_and_seams(setup, landcover):
     """F_fus as float32 bands; across tile borders neighbouring pixels differ no more than inside tiles, for the
     features and for the class map (the tile halo and the blended windows leave no seam)."""

@@ -25,7 +25,7 @@ from rasterio.crs import CRS
 from rio_cogeo.cogeo import cog_validate
 
 from pipeline.grid import TileGrid, tiles_for_aoi
-from pipeline.mosaic import mosaic_tiles, quicklook_png
+from pipeline.mosaic import mosaic_parts, mosaic_tiles, quicklook_png
 from pipeline.product_item import PROCESSING_SCHEMA, product_item, write_item
 
 # The quicklook PNG has no georeference, by design.
@@ -118,6 +118,30 @@ def test_aligned_mosaic_is_exact_valid_cog(aligned):
     inside = np.ones_like(expect, bool)
     inside[2:5, 3:150] = False  # cells partly nodata: GDAL's mode ignores nodata there
     np.testing.assert_array_equal(level[inside], expect[inside])
+
+
+def test_product_in_parts_opens_as_one_raster_equal_to_the_single_cog(aligned, tmp_path):
+    """Past ``part_px`` a product is a set of COGs on one grid plus a VRT: opened through the VRT (as GDAL and
+    QGIS open it) it equals the single-COG mosaic of the same tiles pixel for pixel, with its georeference,
+    colour table, class names and band names; a part no tile touches is not written and reads as nodata."""
+    vrt, parts = mosaic_parts(aligned["tiles"], tmp_path / "classes.vrt", 300, colormap=CMAP, class_names=NAMES,
+                              band_names=["class"], tags={"model": "tiny"})
+    assert sorted(p.name for p in parts) == ["r000_c000.tif", "r000_c001.tif", "r000_c002.tif", "r001_c000.tif",
+                                             "r001_c001.tif"]  # r001_c002 lies in the missing tile
+    assert all(p.parent == tmp_path / "classes.parts" and cog_validate(str(p))[0] for p in parts)
+    with rasterio.open(aligned["out"]) as one, rasterio.open(vrt) as many:
+        assert many.driver == "VRT"
+        assert (many.crs, many.transform, many.width, many.height) == (one.crs, one.transform, one.width,
+                                                                       one.height)
+        assert many.nodata == 255 and many.dtypes == ("uint8",) and many.descriptions == ("class",)
+        assert many.colormap(1)[2] == CMAP[2]
+        assert json.loads(many.tags()["class_names"]) == {str(k): v for k, v in NAMES.items()}
+        np.testing.assert_array_equal(many.read(1), one.read(1))
+    with rasterio.open(parts[1]) as part:  # each part on the product's grid: its origin a pixel of the whole
+        assert part.transform == Affine(10, 0, ORIGIN[0] + 300 * 10, 0, -10, ORIGIN[1])
+        assert (part.width, part.height) == (300, 300)
+    with pytest.raises(FileExistsError):
+        mosaic_parts(aligned["tiles"], vrt, 300)
 
 
 def test_class_overviews_are_mode_not_average(tmp_path):
