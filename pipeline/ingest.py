@@ -163,6 +163,8 @@ def check_items(items: Sequence[pystac.Item], cfg: CubeConfig, say: Callable[[st
 
 def assign_items(tiles: Sequence[Tile], items: Sequence[pystac.Item]) -> dict[str, list[int]]:
     """For every tile, the indices of the items whose footprint intersects it (with halo)."""
+    if not tiles:
+        return {}
     tree = shapely.STRtree([shapely.geometry.shape(it.geometry) for it in items])
     pairs = tree.query(footprints_lonlat(tiles), predicate="intersects")  # (2, k): tile index, item index
     pairs = pairs[:, np.lexsort((pairs[1], pairs[0]))]

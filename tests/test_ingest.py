@@ -327,6 +327,7 @@ def test_tiles_matched_to_items_all_at_once_as_one_by_one():
     assert got == {t.id: sorted(int(i) for i in tree.query(t.footprint_lonlat(), predicate="intersects"))
                    for t in tiles}
     assert {len(v) for v in got.values()} >= {0, 1} and not any(2 in v for v in got.values())
+    assert assign_items([], items) == {} and assign_items(tiles[:1], []) == {tiles[0].id: []}
 
 
 def test_cube_of_a_two_zone_aoi(tmp_path, ray_local):
