@@ -28,11 +28,7 @@ def ray_bin() -> str:
 def ray_head(log_dir: Path, num_cpus: int = 2) -> Iterator[tuple[str, dict]]:
     """-> (dashboard URL for `ray job submit --address`, environment for the client). Logs in log_dir/head.log."""
     port, dash = free_port(), free_port()
-    # The working-dir package `ray job submit` uploads is pinned in the GCS for 10 minutes by default; past that,
-    # a job submitted as the previous one ends can find the package "already uploaded", skip the upload, and see
-    # it garbage-collected under it ("Failed to download runtime_env file package"): it happened to the 4th job
-    # of tests/test_pretrain_job.py once that module ran longer than 10 minutes. Pinned for the test session.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S": "7200"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     log = log_dir / "head.log"
     proc = subprocess.Popen(
