@@ -31,8 +31,14 @@ that this script stays small). With ``--repeat N`` each tool runs N times,
 interleaved, and the line reports the fastest run and the largest peak.
 Targets: ``time_ratio`` (ours / baseline seconds) <= 1.2, and ``ours.peak_rss_mb`` flat across sizes.
 
+At the largest size, ``parts``: the same tiles as a product in parts (``pipeline.mosaic.mosaic_parts``,
+``--part-px`` default half the size: 4 part COGs and a VRT) written by ``--parts-workers`` Ray tasks at once
+(default 2), against ``ours`` (one COG, one process): ``speedup_vs_one_cog`` over the wall time (Ray's start-up
+included), ``speedup_mosaic_only`` without it, and ``pixels_equal_one_cog`` (the VRT read as one raster). Its
+``peak_rss_mb`` is the driver's only (Ray's workers are not its waited-for children).
+
     python bench/mosaic.py [--sizes 10000 20000 40000] [--tile-px 1000] [--workdir DIR] [--threads 1]
-                           [--repeat 1]
+                           [--repeat 1] [--parts-workers 2] [--part-px SIZE/2]
 """
 
 from __future__ import annotations
@@ -221,6 +227,33 @@ def run_same_gdal(list_file: Path, vrt: Path, out: Path, threads: str, log: Path
     return measure([sys.executable, "-c", code, str(list_file), str(vrt), str(out), json.dumps(opts)], log, timeout)
 
 
+def run_parts(list_file: Path, vrt: Path, part_px: int, workers: int, threads: str, log: Path,
+              timeout: float) -> dict:
+    """``mosaic_parts`` (the product past ``part_px``: part COGs + a VRT) with its parts as Ray tasks on a local
+    Ray of ``workers`` CPUs, one CPU per task, as ``pipeline.inference`` runs them. The child prints its own split
+    of the wall time: Ray's start-up and the mosaic."""
+    code = (
+        "import sys, json, time, os; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "os.environ.setdefault('RAY_AUTH_MODE', 'disabled');"
+        "t = time.perf_counter(); import ray; ray.init(num_cpus=int(sys.argv[5]), include_dashboard=False,"
+        " log_to_driver=False); t_ray = time.perf_counter() - t;"
+        "from pipeline.mosaic import mosaic_parts;"
+        "task = ray.remote(num_cpus=1, max_retries=0);"
+        "run = lambda fn, args: ray.get([task(fn).remote(a) for a in args]);"
+        "tiles = Path(sys.argv[2]).read_text().split(); t = time.perf_counter();"
+        "vrt, parts = mosaic_parts(tiles, sys.argv[3], int(sys.argv[4]), map_fn=run, overwrite=True,"
+        " num_threads=sys.argv[6], class_names=sys.argv[7:]);"
+        "print(json.dumps({'ray_start_s': round(t_ray, 2), 'mosaic_s': round(time.perf_counter() - t, 2),"
+        " 'parts': len(parts)}), flush=True); ray.shutdown()"
+    )
+    r = measure([sys.executable, "-c", code, str(ROOT), str(list_file), str(vrt), str(part_px), str(workers), threads,
+                 *CLASS_NAMES], log, timeout)
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
+    if r.get("rc") == 0 and lines:
+        r.update(json.loads(lines[-1]))
+    return r
+
+
 def pixels_equal(a: Path, b: Path, rows: int = 1024) -> bool:
     """Full-resolution equality of two rasters, a strip of ``rows`` rows at a time (flat memory)."""
     from rasterio.windows import Window
@@ -266,6 +299,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of each tool per size, interleaved")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--keep", action="store_true", help="keep the output COGs")
+    p.add_argument("--parts-workers", type=int, default=2,
+                   help="at the largest size, also the product as COG parts written by this many Ray workers")
+    p.add_argument("--part-px", type=int, default=None, help="part side for --parts-workers (default: half the size)")
     args = p.parse_args(argv)
     for s in args.sizes:
         if s % args.tile_px:
@@ -320,11 +356,22 @@ def main(argv=None) -> int:
                 cpu_ratio_same_gdal=_ratio(ours["cpu_seconds"], same["cpu_seconds"]),
                 pixels_equal=pixels_equal(ours_tif, base_tif) if ours_tif.exists() and base_tif.exists() else None,
             )
+        parts_vrt = runs / f"parts_{s}.vrt"
+        if args.parts_workers and s == max(args.sizes):
+            part_px = args.part_px or s // 2
+            parts = run_parts(list_file, parts_vrt, part_px, args.parts_workers, args.threads, runs / "parts.log",
+                              args.timeout)
+            row["parts"] = {**parts, "workers": args.parts_workers, "part_px": part_px,
+                            "speedup_vs_one_cog": _ratio(ours["seconds"], parts.get("seconds")),
+                            "speedup_mosaic_only": _ratio(ours["seconds"], parts.get("mosaic_s")),
+                            "pixels_equal_one_cog": pixels_equal(parts_vrt, ours_tif)
+                            if parts_vrt.exists() and ours_tif.exists() else None}
         row.update(load_avg_1min_at_start=round(load, 2), **env)
         print(json.dumps(row), flush=True)
         if not args.keep:
-            for f in (ours_tif, base_tif, same_tif, vrt):
+            for f in (ours_tif, base_tif, same_tif, vrt, parts_vrt):
                 f.unlink(missing_ok=True)
+            shutil.rmtree(parts_vrt.with_suffix(".parts"), ignore_errors=True)
     return 0
 
 

@@ -28,6 +28,7 @@ from pipeline.grid import BBOX_HELP, TileGrid, aoi_argv, load_aoi, parse_aoi, pa
 from pipeline.ingest import IngestBusy, cube_summary, run_ingest  # noqa: E402
 from pipeline.providers import PROFILES  # noqa: E402
 from pipeline.stac import StacSearchError  # noqa: E402
+from pipeline.storage import StorageError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "MINLON,MINLAT,MAXLON,MAXLAT")
     p.add_argument("--start", required=True, type=date.fromisoformat, help="first day of the season, YYYY-MM-DD")
     p.add_argument("--end", required=True, type=date.fromisoformat, help="last day of the season, YYYY-MM-DD")
-    p.add_argument("--out", required=True, help="the cube (a Zarr v3 store directory)")
+    p.add_argument("--out", required=True, help="the cube: a Zarr v3 store directory, or an s3://BUCKET/PREFIX URL "
+                   "(credentials and AWS_ENDPOINT_URL from the environment)")
     p.add_argument("--allow-href", action="append", default=[], metavar="DIR_OR_URL",
                    help="also read hrefs under this directory or URL prefix (repeatable); by default only files in "
                    "the catalog's own directory tree, public http(s) and the object stores a provider names")
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
     except IngestBusy as e:
         print(f"busy: {e}", file=sys.stderr)
         return 3
-    except (StacSearchError, ValueError, zarr_cube.CubeError) as e:
+    except (StacSearchError, ValueError, zarr_cube.CubeError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(cube_summary(args.out))

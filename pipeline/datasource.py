@@ -48,7 +48,7 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipeline import zarr_cube
+from pipeline import storage, zarr_cube
 from pipeline.labels import labels_on_grid, open_label_raster, tile_georef
 
 if TYPE_CHECKING:  # torch and the model package are imported lazily: read workers never need them
@@ -250,7 +250,7 @@ class CubeDatasource(Datasource):
         shuffle: bool = False,
     ):
         super().__init__()
-        cube = str(Path(cube).resolve())  # workers may run in another working directory
+        cube = storage.location(cube)  # workers may run in another working directory
         root = zarr_cube.open_cube(cube)
         cfg = zarr_cube.cube_config(root)
         ids = zarr_cube.tile_ids(root)

@@ -43,10 +43,13 @@ Per-tile directory ``<work_dir>/<name>/`` (default ``<out dir>/<out stem>.tiles/
 
     tiles/<tile_id>.tif    the tile core (tile_px x tile_px at 10 m), uint8 nodata 255 + colour table, or float32
                            bands nodata NaN; written atomically
-    manifest.json          {"format", "fingerprint", "tiles": {tile_id: {"status": "done", "file", "seconds",
-                           "worker"} | {"status": "failed", "reason"}}, "runs": [...]}, written atomically
+    manifest.parquet       one row per tile (``pipeline.tile_table``): tile, status ("done" | "failed"), file,
+                           seconds, worker | reason; written atomically at the end of every run
+    manifest.json          {"format", "fingerprint", "counts": {"done", "failed"}, "tiles_table":
+                           "manifest.parquet", "runs": [...]}: small, whatever the tile count; written atomically
+                           after the table
     manifest.log.jsonl     records appended by the driver as tiles finish (a killed driver loses none that
-                           were written to it); folded into manifest.json at the end of every run
+                           were written to it); folded into the table at the end of every run
     pids/actor-<pid>.pid   test hook (``write_pids``)
 
 A re-run with the same fingerprint (task, encoder and head sha256, support, window, overlap, margin, cube,
@@ -73,12 +76,12 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import zarr_cube
+from pipeline import storage, zarr_cube
 from pipeline.datasource import (
     CubeDatasource,
     quiet_data_context,
@@ -89,14 +92,17 @@ from pipeline.datasource import (
 from pipeline.grid import parse_tile_id, utm_epsg, utm_zone
 from pipeline.jsonfiles import read_json
 from pipeline.labels import NODATA
+from pipeline.tile_table import read_records, write_records
 
 if TYPE_CHECKING:  # pipeline.finetune imports torch: the read and write workers never need it
     from pipeline.finetune import HeadInfo
 
 TASKS = ("landcover", "fewshot", "embeddings")
 MANIFEST = "manifest.json"
+MANIFEST_TABLE = "manifest.parquet"
+TILE_FILE = "tiles/{tile_id}.tif"  # a tile's prediction, relative to the tile directory
 MANIFEST_LOG = "manifest.log.jsonl"
-MANIFEST_FORMAT = "skysense-inference-manifest/1"
+MANIFEST_FORMAT = "skysense-inference-manifest/2"  # /1 kept the tile records inside manifest.json (still read)
 DEFAULT_WINDOW = 32  # few-shot, and presets not in PRESET_WINDOW
 # [ours] The default (largest) window per preset, S2 px: a whole tile with its margin for tiny on a laptop; for
 # the HR-ratio-32 presets 64 px = 2048 HR px (base, small) and 32 px = 1024 HR px (huge, the official few-shot
@@ -680,27 +686,28 @@ class TilePredictor:
 # ------------------------------------------------------------------------------------------------------------------
 # the per-tile sink
 # ------------------------------------------------------------------------------------------------------------------
-def tile_path(tile_dir: str | Path, tile_id: str) -> Path:
-    return Path(tile_dir) / "tiles" / f"{tile_id}.tif"
+def tile_path(tile_dir: str | Path, tile_id: str) -> Path | str:
+    """Where a tile's prediction lives: a Path, or a URL (str) for an ``s3://`` tile directory."""
+    if storage.is_remote(tile_dir):
+        return storage.join(str(tile_dir), TILE_FILE.format(tile_id=tile_id))
+    return Path(tile_dir) / TILE_FILE.format(tile_id=tile_id)
 
 
 def write_tile(path: str | Path, data: np.ndarray, *, epsg: int, transform, nodata, colormap=None,
                band_names: Sequence[str] | None = None, tags: Mapping[str, str] | None = None) -> Path:
-    """Write one tile core (bands, n, n) as a deflate GeoTIFF, atomically (temporary name in the same directory,
-    then ``os.replace``): a reader, or a re-run, never sees a partial file."""
+    """Write one tile core (bands, n, n) as a deflate GeoTIFF, whole (``pipeline.storage.local_output``: a
+    temporary name in the same directory then ``os.replace``, or one object PUT for an ``s3://`` path): a
+    reader, or a re-run, never sees a partial file."""
     import rasterio
     from rasterio.crs import CRS
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     bands, h, w = data.shape
     profile = dict(driver="GTiff", width=w, height=h, count=bands, dtype=data.dtype.name, crs=CRS.from_epsg(epsg),
                    transform=transform, nodata=nodata, compress="deflate",
                    predictor=3 if data.dtype.kind == "f" else 1)
     if h % 16 == 0 and w % 16 == 0 and min(h, w) >= 256:
         profile.update(tiled=True, blockxsize=256, blockysize=256)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with storage.local_output(path) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(data)
             if colormap:
@@ -709,10 +716,7 @@ def write_tile(path: str | Path, data: np.ndarray, *, epsg: int, transform, noda
                 dst.set_band_description(i, name)
             if tags:
                 dst.update_tags(**tags)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return path if storage.is_remote(path) else Path(path)
 
 
 def write_tile_outputs(batch: Mapping[str, np.ndarray], *, tile_dir: str, cube: str, nodata: float,
@@ -734,10 +738,10 @@ def write_tile_outputs(batch: Mapping[str, np.ndarray], *, tile_dir: str, cube: 
             try:
                 geo = tile_georef(cube, tile_id)
                 c0 = parse_tile_id(tile_id, grid).core_slice()[0].start
-                p = write_tile(tile_path(tile_dir, tile_id), np.asarray(batch["pred"][i]), epsg=geo.epsg,
-                               transform=geo.transform * Affine.translation(c0, c0), nodata=nodata,
-                               colormap=colormap, band_names=band_names, tags={**(tags or {}), "tile_id": tile_id})
-                f = str(p.relative_to(tile_dir))
+                write_tile(tile_path(tile_dir, tile_id), np.asarray(batch["pred"][i]), epsg=geo.epsg,
+                           transform=geo.transform * Affine.translation(c0, c0), nodata=nodata,
+                           colormap=colormap, band_names=band_names, tags={**(tags or {}), "tile_id": tile_id})
+                f = TILE_FILE.format(tile_id=tile_id)
             except Exception as e:
                 status[i], reason[i] = "failed", f"write failed: {type(e).__name__}: {e}"
         files.append(f)
@@ -750,24 +754,32 @@ def write_tile_outputs(batch: Mapping[str, np.ndarray], *, tile_dir: str, cube: 
 # the manifest
 # ------------------------------------------------------------------------------------------------------------------
 class Manifest:
-    """Per-tile records of a tile directory (module docstring): ``manifest.json`` plus the append-only log the
-    driver writes as tiles finish. Only the driver writes it. Linear in the tile count: one append per tile, one
-    rewrite per run."""
+    """Per-tile records of a tile directory (module docstring): ``manifest.parquet`` and ``manifest.json`` plus
+    the append-only log the driver writes as tiles finish. Only the driver writes it. Linear in the tile count:
+    one append per tile, one table write per run.
+
+    An ``s3://`` tile directory has no appendable file: the records are written whole (table, then JSON) every
+    :attr:`FLUSH_S` seconds while tiles finish, so a killed driver loses at most that much of the record (those
+    tiles are predicted again by the next run, nothing else is lost)."""
+
+    FLUSH_S = 30.0  # [ours] object-store manifests: seconds between two writes of the records
 
     def __init__(self, root: str | Path, fingerprint: Mapping[str, Any], say: Callable[[str], None] = print):
-        self.root = Path(root)
+        self.remote = storage.is_remote(root)
+        self.root = str(root) if self.remote else Path(root)
         self.fingerprint = dict(fingerprint)
         self.tiles: dict[str, dict] = {}
         self.runs: list[dict] = []
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            self.root.mkdir(parents=True, exist_ok=True)
         doc = {}
-        if (self.root / MANIFEST).exists():
-            doc = read_json(self.root / MANIFEST, "the inference manifest",
-                            "move it away to rebuild the records (finished tile files are predicted again)")
-        old_fp = doc.get("fingerprint")
-        log = self.root / MANIFEST_LOG
+        fix = "move it away to rebuild the records (finished tile files are predicted again)"
+        if storage.exists(self._at(MANIFEST)):
+            doc = read_json(self._at(MANIFEST), "the inference manifest", fix)
         logged: list[dict] = []
-        if log.exists():
+        old_fp = doc.get("fingerprint")
+        log = None if self.remote else self.root / MANIFEST_LOG
+        if log is not None and log.exists():
             for line in log.read_text().splitlines():
                 try:
                     logged.append(json.loads(line))
@@ -778,21 +790,40 @@ class Manifest:
         if (doc or logged) and old_fp != self.fingerprint:
             say(f"[infer] {self.root}: the earlier records were made with other settings; starting over")
             doc, logged = {}, []
-            log.unlink(missing_ok=True)
-        self.tiles = dict(doc.get("tiles", {}))
+            if log is not None:
+                log.unlink(missing_ok=True)
+        self.tiles = dict(doc.get("tiles", {}))  # format /1
+        if doc.get("tiles_table"):
+            self.tiles = read_records(self._at(doc["tiles_table"]), "the inference manifest's tile table",
+                                      "move it and manifest.json away to rebuild the records (finished tile files "
+                                      "are predicted again)")
         self.runs = list(doc.get("runs", []))
         for rec in logged:
             if "tile" in rec:
                 self.tiles[rec["tile"]] = {k: v for k, v in rec.items() if k not in ("tile", "fingerprint")}
         self._log = None
+        self._flushed = time.monotonic()
+
+    def _at(self, name: str) -> str | Path:
+        return storage.join(self.root, name) if self.remote else self.root / name
 
     def done(self) -> set[str]:
-        """Tiles recorded done whose file exists."""
+        """Tiles recorded done whose file exists (an object store: one listing of the tiles, not a request per
+        tile)."""
+        if self.remote:
+            key = self.root.split("://", 1)[1]
+            files = {p[len(key) + 1:] for p in storage.filesystem(self.root).find(f"{key}/tiles")}
+            return {t for t, r in self.tiles.items() if r.get("status") == "done" and r["file"] in files}
         return {t for t, r in self.tiles.items() if r.get("status") == "done" and (self.root / r["file"]).exists()}
 
     def record(self, tile_id: str, rec: Mapping[str, Any]) -> None:
-        """Record a tile's outcome now (appended to the log and flushed)."""
+        """Record a tile's outcome now (appended to the log and flushed; an object store: written with the others
+        at most :attr:`FLUSH_S` s later)."""
         self.tiles[tile_id] = dict(rec)
+        if self.remote:
+            if time.monotonic() - self._flushed > self.FLUSH_S:
+                self._write_records()
+            return
         if self._log is None:
             fresh = not (self.root / MANIFEST_LOG).exists()
             self._log = open(self.root / MANIFEST_LOG, "a")
@@ -801,21 +832,28 @@ class Manifest:
         self._log.write(json.dumps({"tile": tile_id, **rec}, default=str) + "\n")
         self._log.flush()
 
-    def write(self, run: Mapping[str, Any] | None = None) -> Path:
-        """Fold the log into ``manifest.json`` (atomically) and drop the log."""
+    def _write_records(self) -> str | Path:
+        """``manifest.parquet`` then ``manifest.json``, each written whole."""
+        write_records(self._at(MANIFEST_TABLE), self.tiles)
+        doc = {"format": MANIFEST_FORMAT, "fingerprint": self.fingerprint,
+               "counts": {s: sum(r.get("status") == s for r in self.tiles.values()) for s in ("done", "failed")},
+               "tiles_table": MANIFEST_TABLE, "runs": self.runs}
+        storage.write_bytes(self._at(MANIFEST), json.dumps(doc, indent=1, default=str).encode())
+        self._flushed = time.monotonic()
+        return self._at(MANIFEST)
+
+    def write(self, run: Mapping[str, Any] | None = None) -> str | Path:
+        """Fold the log into ``manifest.parquet`` and ``manifest.json`` (each written whole, the table first) and
+        drop the log."""
         if run is not None:
             self.runs.append(dict(run))
         if self._log is not None:
             self._log.close()
             self._log = None
-        doc = {"format": MANIFEST_FORMAT, "fingerprint": self.fingerprint,
-               "counts": {s: sum(r.get("status") == s for r in self.tiles.values()) for s in ("done", "failed")},
-               "tiles": dict(sorted(self.tiles.items())), "runs": self.runs}
-        tmp = self.root / f".{MANIFEST}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(doc, indent=1, default=str))
-        os.replace(tmp, self.root / MANIFEST)
-        (self.root / MANIFEST_LOG).unlink(missing_ok=True)
-        return self.root / MANIFEST
+        out = self._write_records()
+        if not self.remote:
+            (self.root / MANIFEST_LOG).unlink(missing_ok=True)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -957,6 +995,22 @@ def resolve_checkpoint(checkpoint: str, task: str) -> tuple[str, HeadInfo | None
     return str(Path(head.encoder).resolve()), head if task == "landcover" else None
 
 
+def _object_path(url: str) -> PurePosixPath:
+    """An ``s3://bucket/key`` URL as the path ``/bucket/key`` (``with_suffix``, ``parent``, ``stem`` as for a
+    local product); :func:`_product_location` turns it back into a URL."""
+    scheme, rest = url.split("://", 1)
+    assert scheme == "s3", url
+    return PurePosixPath("/" + rest)
+
+
+def _product_location(out: Path | PurePosixPath) -> Callable[[PurePosixPath], str | Path]:
+    """For a product path from :func:`plan_inference`: the function giving the location of a path beside it (a
+    local Path as it is, an object path as its ``s3://`` URL)."""
+    if isinstance(out, Path):
+        return lambda p: p
+    return lambda p: f"s3:/{p}"
+
+
 def default_product_crs(search: Mapping[str, Any]) -> str | None:
     """The UTM zone of the AOI's centre (the cube's search AOI), as 'EPSG:326xx' / 'EPSG:327xx'."""
     aoi = search.get("aoi")
@@ -976,17 +1030,19 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
 
     if cfg.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, not {cfg.task!r}")
-    out = Path(cfg.out).resolve()
+    remote = storage.is_remote(cfg.out)
+    out = _object_path(storage.location(cfg.out)) if remote else Path(cfg.out).resolve()
+    out_at = _product_location(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
-        raise ValueError(f"--out must be a GeoTIFF path (.tif), got {out}")
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"the product {out} exists: pass --overwrite to replace it")
-    if out.with_suffix(".vrt").exists() and not cfg.overwrite:
-        raise FileExistsError(f"the product {out.with_suffix('.vrt')} (in parts) exists: pass --overwrite to "
-                              f"replace it")
+        raise ValueError(f"--out must be a GeoTIFF path (.tif), got {out_at(out)}")
+    if storage.exists(out_at(out)) and not cfg.overwrite:
+        raise FileExistsError(f"the product {out_at(out)} exists: pass --overwrite to replace it")
+    if storage.exists(out_at(out.with_suffix(".vrt"))) and not cfg.overwrite:
+        raise FileExistsError(f"the product {out_at(out.with_suffix('.vrt'))} (in parts) exists: pass --overwrite "
+                              f"to replace it")
     if cfg.part_px < 16:
         raise ValueError(f"--part-px must be >= 16, got {cfg.part_px}")
-    if out.exists() and out.is_dir():
+    if not remote and out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a directory")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
@@ -994,9 +1050,9 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         raise ValueError(f"--num-actors must be >= 1, got {cfg.num_actors}")
     if (cfg.task == "fewshot") != (cfg.support is not None):
         raise ValueError("--support is required by --task fewshot, and only by it")
-    if not Path(cfg.cube).exists():
+    if not storage.exists(cfg.cube):
         raise ValueError(f"cube {cfg.cube} does not exist")
-    cube = str(Path(cfg.cube).resolve())
+    cube = storage.location(cfg.cube)
     root = zarr_cube.open_cube(cube)
     ccfg = zarr_cube.cube_config(root)
     size, halo, tile_px = ccfg.grid.size_px, ccfg.grid.halo_px, ccfg.grid.tile_px
@@ -1100,7 +1156,14 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         if mcfg.geo_context:
             band_names += [f"fus_geo_{i:04d}" for i in range(d)]
 
-    tile_dir = (Path(cfg.work_dir).resolve() if cfg.work_dir else out.parent) / (cfg.name or f"{out.stem}.tiles")
+    tile_name = cfg.name or f"{out.stem}.tiles"
+    if cfg.work_dir and storage.is_remote(cfg.work_dir):
+        tile_dir = storage.join(storage.location(cfg.work_dir), tile_name)
+    elif cfg.work_dir:
+        tile_dir = Path(cfg.work_dir).resolve() / tile_name
+    else:
+        tile_dir = out_at(out.parent / tile_name)
+        tile_dir = tile_dir if remote else Path(tile_dir)
     if cfg.crs is not None:
         from rasterio.crs import CRS
         from rasterio.errors import CRSError
@@ -1118,7 +1181,7 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         task=cfg.task, encoder=encoder, head=head.path if head else None, window=window, overlap=overlap,
         batch_size=cfg.batch_size, size=size, core=(halo, tile_px), hr_ratio=ccfg.hr_ratio, modalities=tuple(mods),
         num_classes=num_classes, gpu=cfg.gpu, threads=cfg.threads, support=support, seed=cfg.seed,
-        pid_dir=str(tile_dir / "pids") if cfg.write_pids else None, margin=margin, features=features,
+        pid_dir=storage.join(tile_dir, "pids") if cfg.write_pids else None, margin=margin, features=features,
         until_doy=head.until_doy if head is not None else None,
     )
     fingerprint = {
@@ -1264,9 +1327,32 @@ def _ray_map(num_cpus: float):
     return run
 
 
-def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str], say) -> tuple[Path, Path, Path]:
+def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str], say) -> tuple[Any, Any, Any]:
     """The mosaic COG (or, past ``part_px``, the part COGs and their VRT), its quicklook PNG and STAC item (or
-    collection of part items) from the done tiles."""
+    collection of part items) from the done tiles. An ``s3://`` product is made in a local temporary directory
+    (GDAL's COG driver writes a seekable file) and uploaded file by file, the item's relative hrefs intact;
+    the tiles are read where they are."""
+    if isinstance(plan.out, Path):
+        return _make_product_at(plan, plan.out, done, failed, say)
+    import tempfile
+
+    url = _product_location(plan.out)
+    with tempfile.TemporaryDirectory(prefix="skysense-product-") as tmp:
+        local = Path(tmp) / plan.out.name
+        made = _make_product_at(plan, local, done, failed, say)
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        say(f"[infer] uploading the product ({len(files)} files) to {url(plan.out.parent)}")
+        for f in files:
+            storage.upload(f, url(plan.out.parent / f.relative_to(tmp).as_posix()))
+        if local.with_suffix(".vrt").exists():  # a single-COG product of an earlier run
+            for stale in (plan.out, plan.out.with_suffix(".json")):
+                storage.remove(url(stale))
+    return tuple(url(plan.out.parent / Path(p).relative_to(tmp).as_posix()) for p in made)
+
+
+def _make_product_at(plan: InferencePlan, out: Path, done: list[str], failed: Mapping[str, str],
+                     say) -> tuple[Path, Path, Path]:
+    """:func:`_make_product` written at the local path ``out``."""
     from pipeline.mosaic import mosaic_parts, mosaic_tiles, product_blocksize, quicklook_png
     from pipeline.product_item import product_item, write_item, write_parts_collection
 
@@ -1285,13 +1371,13 @@ def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str
     in_parts = product_side_px(sorted(done), grid, plan.dst_crs) > cfg.part_px
     if in_parts:
         n_side = math.ceil(cfg.part_px / spec.core[1])
-        cog, parts = mosaic_parts(tiles, plan.out.with_suffix(".vrt"), cfg.part_px, map_fn=_ray_map(0.5),
+        cog, parts = mosaic_parts(tiles, out.with_suffix(".vrt"), cfg.part_px, map_fn=_ray_map(0.5),
                                   blocksize=product_blocksize(spec.core[1], n_side * n_side), **common)
-        for stale in (plan.out, plan.out.with_suffix(".json")):  # a single-COG product of an earlier run
+        for stale in (out, out.with_suffix(".json")):  # a single-COG product of an earlier run
             stale.unlink(missing_ok=True)
     else:
-        cog = mosaic_tiles(tiles, plan.out, blocksize=product_blocksize(spec.core[1], len(done)), **common)
-    png = quicklook_png(cog, plan.out.with_suffix(".png"))
+        cog = mosaic_tiles(tiles, out, blocksize=product_blocksize(spec.core[1], len(done)), **common)
+    png = quicklook_png(cog, out.with_suffix(".png"))
     search = plan.search
     start = datetime.fromisoformat(search["start"]) if search.get("start") else None
     end = datetime.fromisoformat(search["end"]) if search.get("end") else None
@@ -1307,19 +1393,19 @@ def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str
     if spec.support is not None:
         provenance["support_windows"] = [list(o) for o in spec.support.origins]
     if in_parts:
-        items = [product_item(p, item_id=f"{plan.out.stem}-{p.stem}", start=start, end=end,
+        items = [product_item(p, item_id=f"{out.stem}-{p.stem}", start=start, end=end,
                               class_names=(plan.class_names or None) if classes else None,
                               colormap=(plan.colormap or None) if classes else None, provenance=provenance)
                  for p in parts]
         item_path = write_parts_collection(
-            items, cog, plan.out.with_suffix(".json"), collection_id=plan.out.stem, quicklook=png,
+            items, cog, out.with_suffix(".json"), collection_id=out.stem, quicklook=png,
             description=f"SkySense {cfg.task} product in {len(parts)} COG part(s) of at most {cfg.part_px} px, "
                         f"joined by {cog.name}")
         return cog, png, item_path
-    item = product_item(cog, item_id=plan.out.stem, start=start, end=end,
+    item = product_item(cog, item_id=out.stem, start=start, end=end,
                         class_names=(plan.class_names or None) if classes else None,
                         colormap=(plan.colormap or None) if classes else None, provenance=provenance, quicklook=png)
-    item_path = write_item(item, plan.out.with_suffix(".json"))
+    item_path = write_item(item, out.with_suffix(".json"))
     return cog, png, item_path
 
 
@@ -1426,7 +1512,8 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
     failed = {t: manifest.tiles.get(t, {}).get("reason", "not processed") for t in plan.tiles if t not in done_now}
     complete = not failed
     result = InferenceResult(
-        tile_dir=plan.tile_dir, manifest=plan.tile_dir / MANIFEST, tiles=plan.tiles, done=done,
+        tile_dir=plan.tile_dir, manifest=plan.tile_dir / MANIFEST if isinstance(plan.tile_dir, Path) else storage.join(
+            plan.tile_dir, MANIFEST), tiles=plan.tiles, done=done,
         failed={} if stopped else failed, processed=processed, skipped=sorted(already), complete=complete,
         stopped_early=stopped,
     )
@@ -1438,7 +1525,7 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
         result.out, result.quicklook, result.item = _make_product(plan, done, failed, say)
         t_mosaic = time.perf_counter() - t0
         say(f"[infer] product {result.out} ({len(done)} tiles{f', {len(failed)} failed' if failed else ''}), "
-            f"quicklook {result.quicklook.name}, STAC item {result.item.name}")
+            f"quicklook {PurePosixPath(str(result.quicklook)).name}, STAC item {PurePosixPath(str(result.item)).name}")
     elif failed and not stopped and cfg.make_product:
         say(f"[infer] {len(failed)} tile(s) failed, no product made (re-run to retry them, or --allow-partial)")
     manifest.write(run_rec)

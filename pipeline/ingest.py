@@ -5,11 +5,12 @@ intersects it (an STRtree query per tile: linear in tiles, not tiles x items), c
 skips tiles whose done marker is set, and runs the others as Ray tasks with fractional CPUs, keeping a bounded
 number in flight. A tile that fails is recorded with its reason; the others are still written. At the end the
 index status, the cube-wide normalisation statistics (from every done tile, including those of earlier runs)
-and ``manifest.json`` are written.
+and ``manifest.json`` (counts) with ``manifest.parquet`` (one row per tile) are written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ import pystac
 import shapely
 import shapely.geometry
 
-from pipeline import zarr_cube
+from pipeline import storage, zarr_cube
 from pipeline.cube import CubeConfig, assemble_tile
 from pipeline.grid import Tile, footprints_lonlat, tiles_for_aoi
 from pipeline.hrefs import HrefPolicy, HrefRefused
@@ -76,12 +77,12 @@ class IngestReport:
         ]
         if self.empty:
             lines.append("  NO VALID DATE in any tile: every date of every modality was rejected (see the warnings "
-                         "below and in manifest.json: unreadable bands, masks, nodata, dates outside the season)")
+                         "below and in manifest.parquet: unreadable bands, masks, nodata, dates outside the season)")
         for tid, reason in sorted(self.failed.items()):
             lines.append(f"  FAILED {tid}: {reason.splitlines()[0][:300]}")
         n_warn = sum(len(v) for v in self.warnings.values())
         if n_warn:
-            lines.append(f"  {n_warn} warnings in {len(self.warnings)} tiles (see manifest.json), e.g.:")
+            lines.append(f"  {n_warn} warnings in {len(self.warnings)} tiles (see manifest.parquet), e.g.:")
             for tid, ws in list(self.warnings.items())[:3]:
                 lines.append(f"    {tid}: {ws[0][:300]}")
         return "\n".join(lines)
@@ -261,15 +262,20 @@ def run_ingest(
     that is a file or a directory that is not a cube, unless ``overwrite``) before any tile is touched.
     ``tile_filter`` restricts the run to some of the planned tiles (tests, refreshes). One ingest at a time
     writes a cube: another waits up to ``wait_s`` s for the lock (``OUT.lock`` beside it), then raises
-    :class:`IngestBusy`. The catalog's links and the items' band hrefs must stay within
-    ``pipeline.hrefs.HrefPolicy.for_catalog(catalog, allow_hrefs)`` (``HrefRefused``, a ``ValueError``, before
-    any tile).
+    :class:`IngestBusy` (local cubes only: an ``s3://`` cube, ``pipeline.storage``, has no lock). The catalog's
+    links and the items' band hrefs must stay within ``pipeline.hrefs.HrefPolicy.for_catalog(catalog,
+    allow_hrefs)`` (``HrefRefused``, a ``ValueError``, before any tile).
     """
     cfg = cfg or CubeConfig()
-    out = str(Path(out).resolve())
+    out = storage.location(out)
     zarr_cube.check_out(out, overwrite)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with RunLock(Path(out).with_name(f".{Path(out).name}.lock"), wait_s, "ingest into this cube", IngestBusy):
+    if storage.is_remote(out):
+        # an object store has no file lock: runs into one s3:// cube are not serialised (the caller's duty)
+        lock = contextlib.nullcontext()
+    else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(Path(out).with_name(f".{Path(out).name}.lock"), wait_s, "ingest into this cube", IngestBusy)
+    with lock:
         return _run_ingest(catalog, aoi, start, end, out, cfg, collections=collections, ray_address=ray_address,
                            cpus_per_tile=cpus_per_tile, max_in_flight=max_in_flight, progress=progress,
                            tile_filter=tile_filter, overwrite=overwrite, allow_hrefs=allow_hrefs)
@@ -308,7 +314,7 @@ def _run_ingest(catalog, aoi, start, end, out, cfg, *, collections, ray_address,
         "end": end.isoformat(),
         "aoi": shapely.geometry.mapping(aoi),
     }
-    fresh = not (Path(out) / "zarr.json").exists()
+    fresh = not storage.exists(storage.join(out, "zarr.json"))
     zarr_cube.create_or_open(out, cfg, all_tiles, search_meta, overwrite=overwrite)
 
     if fresh:  # a cube made just now has no done tile: no marker to read (10^5 tiles: 9 s saved)
@@ -382,17 +388,20 @@ def _run_ingest(catalog, aoi, start, end, out, cfg, *, collections, ray_address,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "search": {k: v for k, v in search_meta.items() if k != "aoi"},
         "tiles_planned": len(all_tiles),
-        "done": sorted(t for t, s in status.items() if s == zarr_cube.DONE),
-        "failed": report.failed,
-        "warnings": report.warnings,
-        "this_run": {
-            "written": report.done,
-            "skipped_done": skipped,
-            "seconds": round(report.seconds, 2),
-            "tile_seconds": {o.tile_id: round(o.seconds, 2) for o in outcomes},
-        },
+        "counts": {"done": sum(s == zarr_cube.DONE for s in status.values()), "failed": len(report.failed),
+                   "with_warnings": len(report.warnings)},
+        "this_run": {"written": len(report.done), "skipped_done": len(skipped), "seconds": round(report.seconds, 2)},
     }
-    zarr_cube.finalize(out, status, zarr_cube.reduce_stats(p for p in partials if p), manifest)
+    # one row per planned tile: what a scheduler or a user filters on (``pipeline.tile_table``)
+    names = {zarr_cube.PLANNED: "planned", zarr_cube.DONE: "done", zarr_cube.FAILED: "failed"}
+    skipped_set = set(skipped)
+    rows = {t.id: {"status": names[status.get(t.id, zarr_cube.PLANNED)], "reason": report.failed.get(t.id),
+                   "warnings": report.warnings.get(t.id),
+                   "this_run": "written" if t.id in by_id and by_id[t.id].ok else
+                   "failed" if t.id in by_id else "skipped_done" if t.id in skipped_set else None,
+                   "seconds": round(by_id[t.id].seconds, 2) if t.id in by_id else None}
+            for t in all_tiles}
+    zarr_cube.finalize(out, status, zarr_cube.reduce_stats(p for p in partials if p), manifest, rows)
     say("[ingest] " + report.summary())
     return report
 

@@ -16,9 +16,10 @@ class CorruptRecordError(ValueError):
 def read_json(path: str | Path, what: str, fix: str) -> Any:
     """The parsed JSON object of ``path``; :class:`CorruptRecordError` naming ``what`` (e.g. "the inference
     manifest"), the file, the parser's complaint and ``fix`` (what the user can do) otherwise."""
-    path = Path(path)
+    from pipeline import storage
+
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(storage.read_bytes(path).decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptRecordError(f"{what} {path} is damaged ({e}); {fix}") from None
     if not isinstance(doc, dict):

@@ -51,6 +51,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
+from pipeline import storage
 from pipeline.cog import cog_options
 from pipeline.grid import utm_epsg, utm_zone
 
@@ -110,7 +111,9 @@ def _check_nodata(nodata, dtype: np.dtype) -> None:
 
 
 def _read_headers(paths: list[str], progress) -> tuple[list[_Tile], list[CRS], int, np.dtype]:
-    """One open per tile: georeference, and the same band count / data type everywhere."""
+    """One open per tile: georeference, and the same band count / data type everywhere. Tiles may be ``s3://``
+    URLs (GDAL's ``/vsis3/``, ``pipeline.storage``)."""
+    storage.configure_gdal()
     tiles: list[_Tile] = []
     crss: list[CRS] = []
     crs_index: dict[str, int] = {}

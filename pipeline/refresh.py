@@ -17,7 +17,11 @@ The state directory holds everything, one directory per product::
         otsu.tif                       flood with a model: the Otsu baseline product beside it
         tiles/<tile_id>.tif            the tile cores it was mosaicked from (hard links to earlier versions'
                                        files for the tiles nothing new touched)
-        version.json                   per tile: the item ids seen over it, its status, the version that made it
+        version.json                   the version's record: inputs, model, counts, the digest of its inputs;
+                                       small whatever the tile count
+        tiles.parquet                  one row per tile (``pipeline.tile_table``): tile, seen (the item ids over
+                                       it), status, made_by (the version that made its prediction), affected,
+                                       reused, reason / stale, the flood method's per-tile figures
         published.json                 the STAC API URLs it was published to
       .work/<as-of>_<model-version>_<digest>/   the run in progress: cube.zarr (only the affected tiles), the
                                        predictions, the staged version; removed after the commit
@@ -61,11 +65,14 @@ from pipeline.flood import NODATA, flood_legend, otsu_flood
 from pipeline.grid import TileGrid, parse_aoi, parse_tile_id, tiles_for_aoi
 from pipeline.jsonfiles import CorruptRecordError, read_json
 from pipeline.locks import Busy, RunLock
+from pipeline.tile_table import MEDIA_TYPE as TABLE_MEDIA_TYPE
+from pipeline.tile_table import read_records, write_records
 
 PRODUCTS = ("crop", "flood")
 FORMAT = "skysense-refresh/1"
-LATEST, LATEST_JSON, VERSION_JSON, PUBLISHED_JSON, COLLECTION_JSON = (
-    "latest", "latest.json", "version.json", "published.json", "collection.json")
+LATEST, LATEST_JSON, VERSION_JSON, PUBLISHED_JSON, COLLECTION_JSON, TILES_TABLE = (
+    "latest", "latest.json", "version.json", "published.json", "collection.json", "tiles.parquet")
+RUN_FACTS = ("affected", "reused")  # per-tile columns true of one run only: not carried over to the next version
 LOCK, WORK = ".lock", ".work"
 OTSU_VERSION = "otsu1"  # bump when pipeline.flood's method changes: every tile is redone under the new name
 DESCRIPTIONS = {
@@ -233,7 +240,27 @@ def read_latest(prod_dir: Path) -> dict[str, Any] | None:
     ptr = read_json(p, "the refresh pointer", fix)
     if "version" not in ptr:
         raise CorruptRecordError(f"the refresh pointer {p} names no version; {fix}")
-    return read_json(prod_dir / ptr["version"] / VERSION_JSON, "the version record", fix)
+    return read_version(prod_dir / ptr["version"], fix)
+
+
+def read_version(vdir: Path, fix: str = "restore the version directory or move it away") -> dict[str, Any]:
+    """A version's record (``version.json``) with ``"tiles"``: ``{tile_id: record}`` from its ``tiles.parquet``
+    (or, for versions written before the table, from the record itself), without the per-run columns."""
+    doc = read_json(vdir / VERSION_JSON, "the version record", fix)
+    if doc.get("tiles_table"):
+        doc["tiles"] = read_records(vdir / doc["tiles_table"], "the version's tile table", fix)
+        for rec in doc["tiles"].values():
+            for k in RUN_FACTS:
+                rec.pop(k, None)
+    return doc
+
+
+def write_tile_state(vdir: Path, tiles: dict[str, dict], affected: Sequence[str], reused: Sequence[str]) -> Path:
+    """A version's per-tile state as ``vdir/tiles.parquet``: ``tiles`` ({tile_id: record}) with the run's
+    ``affected`` and ``reused`` flags as columns; returns its path."""
+    affected_set, reused_set = set(affected), set(reused)
+    return write_records(vdir / TILES_TABLE, {t: {**rec, "affected": t in affected_set, "reused": t in reused_set}
+                                              for t, rec in tiles.items()})
 
 
 def _set_latest(prod_dir: Path, version: dict[str, Any]) -> None:
@@ -506,13 +533,16 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
         say(f"[refresh] {result.message}; the previous version stays latest")
         return result
 
+    write_tile_state(stage, tiles_doc, affected, reused)
     item_path = _make_version(cfg, prod_dir, stage, rel, as_of, start, end, mversion, mdesc, done_tiles, tiles_doc,
                               prev, cube, aoi, say)
     version = {"format": FORMAT, "product": cfg.product, "version": rel, "as_of": as_of.isoformat(),
                "model_version": mversion, "model": mdesc, "inputs_digest": digest,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "previous": result.previous,
-               "item": f"{rel}/{item_path.name}", "affected": affected, "reused": reused, "failed": failed,
-               "tiles": tiles_doc, **{k: inputs[k] for k in ("cube", "aoi", "window", "collections")}}
+               "item": f"{rel}/{item_path.name}", "tiles_table": TILES_TABLE,
+               "counts": {"tiles": len(tile_ids), "done": len(done_tiles), "affected": len(affected),
+                          "reused": len(reused), "failed": len(failed)},
+               **{k: inputs[k] for k in ("cube", "aoi", "window", "collections")}}
     _atomic_json(stage / VERSION_JSON, version)
     (prod_dir / as_of.isoformat()).mkdir(exist_ok=True)
     os.rename(stage, prod_dir / rel)  # the commit: the version appears whole or not at all
@@ -555,8 +585,9 @@ def _make_version(cfg: RefreshConfig, prod_dir: Path, stage: Path, rel: str, as_
     provenance = {
         "product": cfg.product, "as_of": as_of.isoformat(), "model_version": mversion, **mdesc,
         "previous_version": prev["version"] if prev else None, "tiles_done": len(done_tiles),
-        "tiles_refreshed": sorted(t for t in done_tiles if tiles_doc[t].get("made_by") == rel),
-        "tiles_failed": sorted(t for t, r in tiles_doc.items() if r["status"] != "done"),
+        # counts: the tiles themselves are rows of the "tiles" asset (10^5 ids would swell every item)
+        "tiles_refreshed": sum(tiles_doc[t].get("made_by") == rel for t in done_tiles),
+        "tiles_failed": sum(r["status"] != "done" for r in tiles_doc.values()),
         "input_items": input_items, "cube": str(cube), "dates": {"start": start.isoformat(), "end": end.isoformat()},
         "lineage": f"pipeline.refresh: {cfg.product} tiles touched by new acquisitions re-ingested and re-predicted "
                    f"({mdesc['method']}), the others reused from the previous version, mosaicked with pipeline.mosaic",
@@ -574,6 +605,8 @@ def _make_version(cfg: RefreshConfig, prod_dir: Path, stage: Path, rel: str, as_
     for key, path in extra_cogs.items():
         item.add_asset(key, pystac.Asset(str(Path(path).resolve()), media_type=pystac.MediaType.COG,
                                          roles=["data", "baseline"], title="Otsu VV-threshold baseline"))
+    item.add_asset("tiles", pystac.Asset(str((stage / TILES_TABLE).resolve()), media_type=TABLE_MEDIA_TYPE,
+                                         roles=["metadata"], title="Per-tile state: seen items, status, version"))
     return write_item(item, stage / f"{cfg.product}.json")
 
 

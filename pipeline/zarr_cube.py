@@ -21,7 +21,10 @@ Layout (documented in the README)::
         attrs: tile_id, epsg, transform (GDAL order), hr_transform, center_lat/lon, tile_px, halo_px,
                hr_ratio, present {s2, s1, hr}, items per date, warnings, stats partial sums,
                and last of all "done": true, the per-tile done marker
-    CUBE/manifest.json            the last run: done, failed (with reasons), warnings, timings
+    CUBE/manifest.json            the last run: search, counts (done, failed, with warnings), seconds
+    CUBE/manifest.parquet         one row per planned tile (``pipeline.tile_table``): tile, status (planned |
+                                  done | failed), reason, warnings, this_run (written | failed | skipped_done),
+                                  seconds
 
 A tile is written by ``xarray.Dataset.to_zarr`` (mode "w": a re-run after a crash overwrites a partial group)
 and then marked done; readers and re-runs trust only the marker. Every chunk is written, empty ones included,
@@ -45,6 +48,7 @@ import xarray as xr
 import zarr
 
 from pipeline import bands as B
+from pipeline import storage
 from pipeline.cube import CubeConfig, ModalityStack, TileSample
 from pipeline.grid import Tile, TileGrid
 
@@ -75,7 +79,11 @@ def config_from_json(d: Mapping) -> CubeConfig:
 
 def check_out(path: str | Path, overwrite: bool = False) -> None:
     """Raise :class:`CubeError` when ``path`` cannot become a cube without destroying what is there: a file, or
-    a non-empty directory that is not a cube (unless ``overwrite``), or a place that cannot be written."""
+    a non-empty directory (or object prefix) that is not a cube (unless ``overwrite``), or a place that cannot be
+    written (a missing bucket)."""
+    if storage.is_remote(path):
+        _check_out_remote(str(path), overwrite)
+        return
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CubeError(f"--out {path} is a file, not a cube directory")
@@ -89,15 +97,34 @@ def check_out(path: str | Path, overwrite: bool = False) -> None:
         raise CubeError(f"--out {path}: {parent} is not writable")
 
 
+def _check_out_remote(url: str, overwrite: bool) -> None:
+    fs = storage.filesystem(url)
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    try:
+        fs.ls(bucket, detail=False)
+    except (FileNotFoundError, PermissionError, OSError) as e:
+        raise CubeError(f"--out {url}: the bucket {bucket!r} cannot be listed ({type(e).__name__}: {e}); create it, "
+                        "or check AWS_ENDPOINT_URL and the credentials in the environment") from None
+    if storage.exists(storage.join(url, "zarr.json")):
+        return
+    key = url.split("://", 1)[1]
+    entries = fs.ls(key, detail=False) if fs.isdir(key) else []
+    if entries and not overwrite:
+        raise CubeError(f"--out {url} holds objects and is not a cube ({len(entries)} entries, e.g. "
+                        f"{entries[0]!r}); refusing to replace it: choose another --out, or pass --overwrite")
+    if entries:
+        storage.remove_tree(url)
+
+
 def create_or_open(path: str | Path, cfg: CubeConfig, tiles: Sequence[Tile], search: Mapping[str, Any],
                    overwrite: bool = False) -> zarr.Group:
     """Create the cube (root attrs and tile index), or open an existing one made with the same config and
     tiles. A different config is an error: mixing grids in one cube would corrupt it. A directory that is not a
-    cube is replaced only with ``overwrite`` (:func:`check_out`)."""
-    path = Path(path)
+    cube is replaced only with ``overwrite`` (:func:`check_out`). ``path``: a local path or an ``s3://`` URL."""
+    path = storage.location(path)
     check_out(path, overwrite)
     want = config_to_json(cfg)
-    if (path / "zarr.json").exists():
+    if storage.exists(storage.join(path, "zarr.json")):
         root = zarr.open_group(str(path), mode="r+", zarr_format=3)
         attrs = dict(root.attrs)
         if attrs.get("format") != CUBE_FORMAT:
@@ -122,7 +149,8 @@ def create_or_open(path: str | Path, cfg: CubeConfig, tiles: Sequence[Tile], sea
                 f"index, e.g. {new[0].id}); use another --out for another AOI"
             )
         return root
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs.update(
         {
@@ -153,8 +181,8 @@ def create_or_open(path: str | Path, cfg: CubeConfig, tiles: Sequence[Tile], sea
 
 
 def open_cube(path: str | Path) -> zarr.Group:
-    path = Path(path)
-    if not (path / "zarr.json").exists():
+    path = storage.location(path)
+    if not storage.exists(storage.join(path, "zarr.json")):
         raise CubeError(f"no cube at {path}")
     root = zarr.open_group(str(path), mode="r", zarr_format=3)
     if root.attrs.get("format") != CUBE_FORMAT:
@@ -181,9 +209,9 @@ def tile_ids(root: zarr.Group) -> list[str]:
 def tile_attrs(path: str | Path, tile_id: str) -> dict:
     """A tile group's attributes read straight from its zarr.json ({} if absent or unreadable): one small
     read, used for the done marker and the stored statistics."""
-    meta = Path(path) / "tiles" / tile_id / "zarr.json"
+    meta = storage.join(path, "tiles", tile_id, "zarr.json")
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
+        return json.loads(storage.read_bytes(meta)).get("attributes", {})
     except (FileNotFoundError, json.JSONDecodeError, OSError):
         return {}
 
@@ -343,12 +371,20 @@ def reduce_stats(partials: Iterable[Mapping]) -> dict[str, dict[str, list[float]
     return out
 
 
-def finalize(path: str | Path, status: Mapping[str, int], stats: Mapping, manifest: Mapping) -> None:
-    """Refresh the index status, the cube-wide statistics and the manifest after a run."""
+MANIFEST, MANIFEST_TABLE = "manifest.json", "manifest.parquet"
+
+
+def finalize(path: str | Path, status: Mapping[str, int], stats: Mapping, manifest: Mapping,
+             rows: Mapping[str, Mapping] | None = None) -> None:
+    """Refresh the index status, the cube-wide statistics and the manifest (``manifest.json``, and the per-tile
+    ``rows`` as ``manifest.parquet``, written first) after a run."""
+    from pipeline.tile_table import write_records
+
     root = zarr.open_group(str(path), mode="r+", zarr_format=3)
     ids = tile_ids(root)
     root["index/status"][:] = np.array([status.get(t, PLANNED) for t in ids], np.uint8)
     root.attrs["stats"] = dict(stats)
-    tmp = Path(path) / f".manifest.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    os.replace(tmp, Path(path) / "manifest.json")
+    if rows is not None:
+        write_records(storage.join(path, MANIFEST_TABLE), rows)
+        manifest = {**manifest, "tiles_table": MANIFEST_TABLE}
+    storage.write_bytes(storage.join(path, MANIFEST), json.dumps(manifest, indent=1, default=str).encode())

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import rasterio
 import rasterio.warp
@@ -48,6 +49,11 @@ from tests.demo_cube import ingest_2x2_tiles
 REPO = Path(__file__).resolve().parents[1]
 CFG = CubeConfig(grid=TileGrid(32, 4), t_s2=3, t_s1=2, t_hr=1, hr_ratio=8)
 RUN = ["--window", "16", "--overlap", "4", "--batch-size", "3"]  # 3 x 3 windows per 40-px tile sample
+
+
+def _tile_records(tile_dir: Path) -> dict[str, dict]:
+    """The inference manifest's per-tile rows, read as any Parquet reader would (pyarrow), {tile: row}."""
+    return {r["tile"]: r for r in pq.read_table(tile_dir / "manifest.parquet").to_pylist()}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -255,7 +261,9 @@ def test_landcover_cog_matches_a_direct_prediction(setup, landcover):
     assert item["assets"]["thumbnail"]["href"].endswith(".png") and out.with_suffix(".png").stat().st_size > 0
     manifest = json.loads((out.parent / "landcover.tiles" / MANIFEST).read_text())
     assert manifest["counts"] == {"done": 4, "failed": 0}
-    assert all((out.parent / "landcover.tiles" / r["file"]).exists() for r in manifest["tiles"].values())
+    assert manifest["tiles_table"] == "manifest.parquet"
+    rec = _tile_records(out.parent / "landcover.tiles")
+    assert len(rec) == 4 and all((out.parent / "landcover.tiles" / r["file"]).exists() for r in rec.values())
 
 
 def test_product_past_part_px_is_cog_parts_with_a_vrt_and_a_collection(setup, landcover, tmp_path):
@@ -314,7 +322,7 @@ def test_stopped_run_resumes_with_only_the_missing_tiles_through_a_killed_actor(
     first = run_inference(_config(setup, out, max_tiles=2, threads=2), progress=None)
     assert first.stopped_early and first.out is None and not out.exists()
     tile_dir = out.parent / "resumed.tiles"
-    rec = json.loads((tile_dir / MANIFEST).read_text())["tiles"]
+    rec = _tile_records(tile_dir)
     done_before = {t for t, r in rec.items() if r["status"] == "done"}
     assert 2 <= len(done_before) < 4
 
@@ -347,7 +355,7 @@ def test_stopped_run_resumes_with_only_the_missing_tiles_through_a_killed_actor(
     pids = {int(p.read_text()) for p in (tile_dir / "pids").glob("actor-*.pid")}
     assert killed in pids and len(pids) >= 2  # a new actor took over
     interrupted = (tile_dir / "pids" / f"busy-{killed}").read_text().split()  # left behind by the dead actor
-    rec = json.loads((tile_dir / MANIFEST).read_text())["tiles"]
+    rec = _tile_records(tile_dir)
     assert interrupted and all(rec[t]["status"] == "done" and rec[t]["worker"] != killed for t in interrupted)
     assert np.array_equal(_read(out), _read(landcover[0]))  # pixel-identical to the uninterrupted run
     runs = json.loads((tile_dir / MANIFEST).read_text())["runs"]
@@ -397,7 +405,7 @@ def test_worker_node_lost_mid_run_loses_no_tile(setup, tmp_path):
         assert job.returncode == 0, stdout[-2000:] + stderr[-6000:]
         summary = _summary(stdout)
         assert summary["complete"] and summary["done"] == 4 and summary["failed"] == 0, summary
-        rec = json.loads((tile_dir / MANIFEST).read_text())["tiles"]
+        rec = _tile_records(tile_dir)
         assert all(r["status"] == "done" for r in rec.values()) and len(rec) == 4
         pids = {int(p.read_text()) for p in (tile_dir / "pids").glob("actor-*.pid")}
         assert removed[0] in pids and len(pids) >= 2  # an actor on the other node took over
@@ -486,7 +494,7 @@ def test_missing_tile_and_corrupt_chunk_fail_alone(setup, tmp_path, capsys):
     assert _main(args) == 1
     assert "2 tile(s) failed" in capsys.readouterr().err
     assert not out.exists()
-    m = json.loads((tmp_path / "partial.tiles" / MANIFEST).read_text())["tiles"]
+    m = _tile_records(tmp_path / "partial.tiles")
     assert "failed at ingest" in m[missing]["reason"]
     assert m[corrupt]["status"] == "failed" and "read failed" in m[corrupt]["reason"]
     good = [t for t in setup["tiles"] if t not in (missing, corrupt)]
@@ -501,3 +509,68 @@ def test_missing_tile_and_corrupt_chunk_fail_alone(setup, tmp_path, capsys):
         for t in good:
             assert (src.read(1, window=_tile_window(src, t)) != 255).all()
     assert (data == 255).sum() == 2 * 32 * 32
+
+
+def test_object_storage_round_trip_on_nodes_that_share_no_disk(setup, landcover, demo_region, s3_server):
+    """Cube, tile predictions and product at s3:// URLs on a real S3-compatible server (moto, 127.0.0.1), jobs
+    attached to a 2-node Ray cluster whose nodes reach them through the environment's credentials only. The ingest
+    is killed (SIGKILL of its process group) once a tile is done and resumes; the cube equals the local one tile
+    for tile, the product read back through GDAL's /vsis3/ equals the local run's pixel for pixel, and a re-run
+    predicts nothing."""
+    import pandas as pd
+
+    from pipeline import storage
+    from tests.demo_cube import SEASON
+    from tests.ray_cluster import worker_cluster
+
+    catalog, _ = demo_region
+    with pytest.raises(zarr_cube.CubeError, match="the bucket 'no-such-bucket' cannot be listed"):
+        zarr_cube.check_out("s3://no-such-bucket/cube.zarr")
+    root = f"s3://{s3_server['bucket']}/run"
+    cube, out = f"{root}/cube.zarr", f"{root}/products/landcover.tif"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **s3_server["env"]}
+    grid = ["--tile-px", "32", "--halo-px", "4", "--t-s2", str(CFG.t_s2), "--t-s1", str(CFG.t_s1), "--t-hr",
+            str(CFG.t_hr), "--hr-ratio", str(CFG.hr_ratio)]
+    with worker_cluster(workers=2, cpus=1) as (cluster, _nodes):  # its nodes inherit the S3 environment
+        ingest = [sys.executable, str(REPO / "jobs" / "ingest.py"), "--catalog", str(catalog), "--bbox",
+                  *map(str, setup["aoi"].bounds), "--start", SEASON[0].isoformat(), "--end", SEASON[1].isoformat(),
+                  "--out", cube, *grid, "--cpus-per-tile", "1", "--ray-address", cluster.address]
+        job = subprocess.Popen(ingest, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and job.poll() is None:
+            if any(zarr_cube.is_done(cube, t) for t in setup["tiles"]):
+                os.killpg(job.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        job.wait(timeout=60)
+        assert job.returncode == -signal.SIGKILL, "the ingest ended before it could be killed:\n" + job.stdout.read()
+        time.sleep(2)  # the dead driver's tasks are cancelled by their nodes
+        done_before = {t for t in setup["tiles"] if zarr_cube.is_done(cube, t)}
+        assert 1 <= len(done_before) < 4, done_before
+        again = subprocess.run(ingest, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"{len(done_before)} tiles already done, {4 - len(done_before)} to do" in again.stdout + again.stderr
+        for t in setup["tiles"]:
+            a, b = zarr_cube.open_tile(cube, t), zarr_cube.open_tile(setup["cube"], t)
+            for name in ("s2", "s2_mask", "s1", "s1_mask", "hr", "hr_mask"):
+                assert a[name].equals(b[name]), (t, name)
+
+        infer = [sys.executable, str(REPO / "jobs" / "infer.py"), "--ray-address", cluster.address, "--cube", cube,
+                 "--checkpoint", str(setup["probe"]), "--task", "landcover", "--out", out, *RUN,
+                 "--cpus-per-actor", "1"]
+        r = subprocess.run(infer, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        summary = _summary(r.stdout)
+        assert summary["complete"] and summary["done"] == 4 and summary["out"] == out, summary
+        storage.configure_gdal()
+        with rasterio.open(out) as src:  # /vsis3/
+            assert np.array_equal(src.read(), _read(landcover[0]))
+        for sidecar in (".png", ".json"):
+            assert storage.exists(out[:-4] + sidecar)
+        rows = pd.read_parquet(f"{root}/products/landcover.tiles/manifest.parquet")  # s3fs, as any reader
+        assert sorted(rows.tile) == setup["tiles"] and (rows.status == "done").all()
+        r2 = subprocess.run([*infer, "--overwrite"], env=env, capture_output=True, text=True, timeout=300)
+        assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-6000:]
+        s2 = _summary(r2.stdout)
+        assert s2["complete"] and s2["processed"] == 0 and s2["skipped"] == 4, s2

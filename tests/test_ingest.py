@@ -14,6 +14,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pystac
 import pytest
 import rasterio
@@ -98,7 +99,9 @@ def test_every_tile_present_with_documented_layout(demo_cube):
     assert len(stats["s2"]["mean"]) == 10 and 300 < stats["s2"]["mean"][6] < 5000  # B08
     assert -25 < stats["s1"]["mean"][0] < 0 and stats["s1"]["mean"][1] < stats["s1"]["mean"][0]  # VH < VV
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(manifest["done"]) == sorted(t.id for t in planned) and manifest["failed"] == {}
+    assert manifest["counts"] == {"done": len(planned), "failed": 0, "with_warnings": len(report.warnings)}
+    rows = pd.read_parquet(out / manifest["tiles_table"])
+    assert sorted(rows.tile) == sorted(t.id for t in planned) and (rows.status == "done").all()
 
 
 def test_values_equal_direct_reads_of_the_source_cogs(demo_cube, demo_region):
@@ -249,8 +252,9 @@ def test_bad_items_are_skipped_with_a_message_and_the_rest_written(tmp_path, dem
     warnings = " | ".join(w for ws in report.warnings.values() for w in ws)
     assert truncated.id in warnings and missing_file.id in warnings and "no_such_file.tif" in warnings
     assert f"item '{missing_band.id}'" in warnings and "'B8A'" in warnings
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["warnings"] and manifest["failed"] == {}
+    rows = pd.read_parquet(out / "manifest.parquet").set_index("tile")
+    assert (rows.status == "done").all() and rows.reason.isna().all()
+    assert {t for t, w in rows.warnings.items() if w is not None and len(w)} == set(report.warnings)
     for tid in report.done:
         ds = zarr_cube.open_tile(out, tid)
         used = {i for ids in ds.attrs["items"]["s2"] for i in ids}
@@ -436,8 +440,9 @@ def test_killed_run_resumes_to_the_same_cube(tmp_path, demo_region, demo_cube):
     log = rerun.communicate(timeout=600)[0]
     assert rerun.returncode == 0, log
     assert f"{len(done_before)} tiles already done, {len(ids) - len(done_before)} to do" in log, log
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["this_run"]["written"]) == set(ids) - done_before
+    rows = pd.read_parquet(out / "manifest.parquet").set_index("tile")
+    assert set(rows.index[rows.this_run == "written"]) == set(ids) - done_before
+    assert set(rows.index[rows.this_run == "skipped_done"]) == done_before
     for t in ids:
         a, b = zarr_cube.open_tile(out, t), zarr_cube.open_tile(ref_cube, t)
         for name in ("s2", "s2_mask", "s2_scl", "s1", "s1_mask", "hr", "hr_mask"):
@@ -476,8 +481,8 @@ def test_worker_node_lost_mid_ingest_loses_no_tile(tmp_path, demo_region, demo_c
         assert removed is not None, "the run ended before a node could be removed:\n" + log[-3000:]
         assert proc.returncode == 0, log[-6000:]
     assert all(zarr_cube.is_done(out, t) for t in ids)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["done"]) == set(ids) and not manifest["failed"]
+    rows = pd.read_parquet(out / "manifest.parquet")
+    assert set(rows.tile[rows.status == "done"]) == set(ids) and len(rows) == len(ids)
     for t in ids:
         a, b = zarr_cube.open_tile(out, t), zarr_cube.open_tile(ref_cube, t)
         for name in ("s2", "s2_mask", "s2_scl", "s1", "s1_mask", "hr", "hr_mask"):

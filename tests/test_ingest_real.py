@@ -233,7 +233,7 @@ def test_ingest_through_ray_job_submit(ray_head, demo_region, tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "succeeded" in r.stdout and "[ingest]" in r.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["done"] and manifest["failed"] == {}
+    assert manifest["counts"]["done"] and manifest["counts"]["failed"] == 0
     root = zarr_cube.open_cube(out)
     assert (root["index/status"][:] == zarr_cube.DONE).all()
 

@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pystac
 import pytest
 import rasterio
@@ -46,6 +47,11 @@ CUBE_FLAGS = ["--tile-px", "32", "--halo-px", "4", "--t-s2", "2", "--t-s1", "8",
 # ------------------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------------------
+def _tile_table(version_dir: Path) -> pd.DataFrame:
+    """A version's per-tile state (``tiles.parquet``), indexed by tile id."""
+    return pd.read_parquet(version_dir / "tiles.parquet").set_index("tile")
+
+
 def refresh(args: list[str], gcs: str, timeout: float = 600) -> tuple[int, dict | None, str]:
     """Run jobs/refresh.py as its own process on the session's Ray cluster: (exit code, JSON summary, stderr)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
@@ -226,13 +232,18 @@ def test_refresh_versions_only_touched_tiles(region, tmp_path, pgstac_server_tra
     assert out2["status"] == "published" and out2["previous"] == out["version"] and not out2["warnings"], out2
     v2 = state / "flood" / out2["version"]
     doc2 = json.loads((v2 / "version.json").read_text())
-    assert sorted(doc2["affected"]) == region["west"] and sorted(doc2["reused"]) == region["east"], doc2
+    assert doc2["counts"] == {"tiles": 4, "done": 4, "affected": 2, "reused": 2, "failed": 0}, doc2
+    tiles2 = _tile_table(v2)  # the per-tile state, read as any Parquet reader would
+    assert sorted(tiles2.index[tiles2.affected]) == region["west"], tiles2
+    assert sorted(tiles2.index[tiles2.reused]) == region["east"], tiles2
     for t in region["east"]:  # reused: the very same file (a hard link), not a recomputation
         assert (v2 / "tiles" / f"{t}.tif").stat().st_ino == (v1 / "tiles" / f"{t}.tif").stat().st_ino
-        assert doc2["tiles"][t]["made_by"] == out["version"]
+        assert tiles2.made_by[t] == out["version"]
     for t in region["west"]:
-        assert doc2["tiles"][t]["made_by"] == out2["version"] and new_id in doc2["tiles"][t]["seen"]
-        assert doc2["tiles"][t]["event_date"] == fd.isoformat()
+        assert tiles2.made_by[t] == out2["version"] and new_id in list(tiles2.seen[t])
+        assert tiles2.event_date[t] == fd.isoformat()
+    assert pystac.Item.from_file(str(v2 / "flood.json")).assets["tiles"].get_absolute_href() == str(
+        v2 / "tiles.parquet")
     with rasterio.open(v2 / "flood.tif") as src:
         after_flood = float((src.read(1) == FLOOD_WATER).mean())
     assert after_flood > before_flood, (before_flood, after_flood)
@@ -314,7 +325,8 @@ def test_refresh_versions_only_touched_tiles(region, tmp_path, pgstac_server_tra
     assert rc == 0, err
     assert out6["status"] == "published" and out6["previous"] == out2["version"] and out6["affected"] == 2, out6
     v3 = state / "flood" / out6["version"]
-    assert sorted(json.loads((v3 / "version.json").read_text())["affected"]) == region["east"]
+    tiles3 = _tile_table(v3)
+    assert sorted(tiles3.index[tiles3.affected]) == region["east"]
     assert (state / "flood" / "latest").resolve() == v3.resolve()
     assert not any((state / "flood" / ".work").iterdir())  # the work of the killed run was finished and removed
     with rasterio.open(v3 / "flood.tif") as src:
@@ -401,6 +413,6 @@ def test_crop_refresh_with_a_head(region, tmp_path):
     rc, out2, err = refresh([*base, "--as-of", "2024-05-29"], region["gcs"], timeout=900)
     assert rc == 0, err
     assert out2["status"] == "published" and out2["affected"] == 4 and out2["previous"] == out["version"], out2
-    doc = json.loads((tmp_path / "state" / "crop" / out2["version"] / "version.json").read_text())
-    assert all(len(doc["tiles"][t]["seen"]) > len(json.loads((v1 / "version.json").read_text())["tiles"][t]["seen"])
-               for t in region["tiles"])
+    seen1 = _tile_table(v1).seen
+    seen2 = _tile_table(tmp_path / "state" / "crop" / out2["version"]).seen
+    assert all(len(seen2[t]) > len(seen1[t]) for t in region["tiles"])
