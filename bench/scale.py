@@ -368,6 +368,11 @@ def main(argv=None) -> int:
         if mode == "plan" and lines and line["tiles"] > lines[-1]["tiles"]:
             line["marginal_us_per_tile"] = round((line["total_s"] - lines[-1]["total_s"])
                                                  / (line["tiles"] - lines[-1]["tiles"]) * 1e6, 1)
+        if mode == "pipeline" and lines and line["tiles"] > lines[-1]["tiles"]:
+            # what one more tile costs, without the fixed costs (actor start-up, model loading) of every run
+            prev, dn = lines[-1], line["tiles"] - lines[-1]["tiles"]
+            line["marginal_ms_per_tile"] = {k: round((line["ms_per_tile"][k] * line["tiles"] - prev["ms_per_tile"][k]
+                                                      * prev["tiles"]) / dn, 3) for k in line["ms_per_tile"]}
         print(json.dumps(line), flush=True)
         lines.append(line)
     if mode == "state":
@@ -378,10 +383,16 @@ def main(argv=None) -> int:
                          * 1000, 1) if largest["tiles"] > smallest["tiles"] else None)
     if mode == "pipeline":
         from100 = [r for r in lines if r["tiles"] >= 100]
-        spreads = {k: _spread([r["ms_per_tile"][k] for r in from100]) for k in ("plan", "infer", "mosaic", "total")}
+        stages = ("plan", "infer", "mosaic", "total")
+        spreads = {k: _spread([r["ms_per_tile"][k] for r in from100]) for k in stages}
+        # from 1,000 on the step adds enough tiles for the marginal cost to stand above the fixed costs' noise
+        marg = {k: _spread([r["marginal_ms_per_tile"][k] for r in lines if r["tiles"] >= 1000
+                            and "marginal_ms_per_tile" in r]) for k in stages}
         res = {"bench": "scale", "kind": "result", "mode": "pipeline", "largest_tiles": largest["tiles"],
-               "ms_per_tile_spread_from_100": spreads, "flat_target": TARGET_FLAT,
+               "ms_per_tile_spread_from_100": spreads, "marginal_spread_from_1000": marg,
+               "flat_target": TARGET_FLAT,
                "flat": all(v is not None and v <= TARGET_FLAT for v in spreads.values()),
+               "flat_marginal": all(v is not None and v <= TARGET_FLAT for v in marg.values()),
                "driver_peak_mb_per_1000_tiles": mb_per_1000, "largest_peak_rss_mb": largest["peak_rss_mb"]}
         print(json.dumps(res), flush=True)
         return 0

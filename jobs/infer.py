@@ -38,11 +38,12 @@ Paths in a file are relative to it."""
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--cube", required=True, help="the Zarr cube (jobs/ingest.py)")
+    p.add_argument("--cube", required=True, help="the Zarr cube (jobs/ingest.py): a path or an s3:// URL")
     p.add_argument("--checkpoint", required=True,
                    help="landcover: fine-tune run dir or its head.safetensors; fewshot/embeddings: an encoder")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--out", required=True, help="the product COG (.tif); OUT.png and OUT.json are written beside it")
+    p.add_argument("--out", required=True,
+                   help="the product COG (.tif), a path or an s3:// URL; OUT.png and OUT.json are written beside it")
     p.add_argument("--support", default=None, help=SUPPORT_HELP)
     p.add_argument("--window", type=int, default=None,
                    help="the largest window in S2 pixels (multiple of 4; default: per preset, tiny 256 i.e. a whole "
@@ -60,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-partial", action="store_true",
                    help="make the product and exit 0 even when tiles failed (they are nodata)")
     p.add_argument("--name", default=None, help="name of the per-tile directory (default: OUT's stem + '.tiles')")
-    p.add_argument("--work-dir", default=None, help="where the per-tile directory lives (default: OUT's directory)")
+    p.add_argument("--work-dir", default=None, help="where the per-tile directory lives, a path or an s3:// URL "
+                   "(default: OUT's directory)")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster: an address, 'auto' or 'local'. Default: RAY_ADDRESS if set, else a local Ray")
     p.add_argument("--num-actors", type=int, default=None,

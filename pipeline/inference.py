@@ -865,7 +865,9 @@ class InferenceConfig:
 
     cube [--cube]; checkpoint [--checkpoint]: a fine-tune run directory / ``head.safetensors`` (landcover; it
     names its encoder), or an encoder checkpoint (fewshot, embeddings); task [--task]; out [--out]: the product
-    COG (``.tif``), next to it ``<stem>.png`` (quicklook) and ``<stem>.json`` (STAC item); support [--support]
+    COG (``.tif``), next to it ``<stem>.png`` (quicklook) and ``<stem>.json`` (STAC item). The cube, ``out`` and
+    ``work_dir`` may be ``s3://`` URLs (``pipeline.storage``: the actors write the tiles there, the driver reads
+    them through GDAL and uploads the product); support [--support]
     (fewshot, :func:`parse_support`); window [--window] the largest window, S2 px (default
     :data:`PRESET_WINDOW` of the encoder's preset, 32 for few-shot; at most the tile sample); overlap [--overlap]
     px shared by neighbouring windows (default :data:`DEFAULT_OVERLAP`); margin [--margin] px of context around
