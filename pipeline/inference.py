@@ -1500,7 +1500,8 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
         finally:
             ctx.max_errored_blocks = saved
         if not stopped:
-            lost = [t for t in todo if t not in set(processed)]
+            seen = set(processed)
+            lost = [t for t in todo if t not in seen]
             for t in lost:  # dropped blocks: the read (or the actor, beyond its retries) failed on them
                 manifest.record(t, {"status": "failed", "reason": _diagnose_read(plan.fingerprint["cube"], t,
                                                                                 spec.modalities)})

@@ -50,6 +50,7 @@ import json
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -319,10 +320,10 @@ def run_otsu(cube: str, tiles: Sequence[str], out_dir: Path, say, cpus: float = 
 
     task = ray.remote(num_cpus=cpus, max_retries=2)(otsu_tile)
     cap = max(2, int(2 * ray.cluster_resources().get("CPU", 2) / cpus))
-    queue, pending, out = list(tiles), {}, {}
+    queue, pending, out = deque(tiles), {}, {}
     while queue or pending:
         while queue and len(pending) < cap:
-            t = queue.pop(0)
+            t = queue.popleft()
             pending[task.remote(cube, t, str(out_dir / "tiles" / f"{t}.tif"))] = t
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
