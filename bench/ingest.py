@@ -400,7 +400,10 @@ def run_ingest(args, catalog: str, bbox: list[float], work: Path, size: float) -
         mf = cube / "manifest.json"
         if mf.exists():
             run = json.loads(mf.read_text())["this_run"]
-            ts = list(run["tile_seconds"].values())
+            import pyarrow.parquet as pq  # the per-tile rows of the run (pipeline.tile_table)
+
+            rows = pq.read_table(cube / "manifest.parquet", columns=["seconds"]).column("seconds").to_pylist()
+            ts = [t for t in rows if t is not None]
             phases = {
                 "run_ingest_seconds": run["seconds"],
                 "startup_seconds": round(m["seconds"] - run["seconds"], 2),
