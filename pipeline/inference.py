@@ -774,8 +774,8 @@ class Manifest:
             self.root.mkdir(parents=True, exist_ok=True)
         doc = {}
         fix = "move it away to rebuild the records (finished tile files are predicted again)"
-        if storage.exists(self._at(MANIFEST)):
-            doc = read_json(self._at(MANIFEST), "the inference manifest", fix)
+        if storage.exists(self.at(MANIFEST)):
+            doc = read_json(self.at(MANIFEST), "the inference manifest", fix)
         logged: list[dict] = []
         old_fp = doc.get("fingerprint")
         log = None if self.remote else self.root / MANIFEST_LOG
@@ -794,7 +794,7 @@ class Manifest:
                 log.unlink(missing_ok=True)
         self.tiles = dict(doc.get("tiles", {}))  # format /1
         if doc.get("tiles_table"):
-            self.tiles = read_records(self._at(doc["tiles_table"]), "the inference manifest's tile table",
+            self.tiles = read_records(self.at(doc["tiles_table"]), "the inference manifest's tile table",
                                       "move it and manifest.json away to rebuild the records (finished tile files "
                                       "are predicted again)")
         self.runs = list(doc.get("runs", []))
@@ -804,14 +804,15 @@ class Manifest:
         self._log = None
         self._flushed = time.monotonic()
 
-    def _at(self, name: str) -> str | Path:
+    def at(self, name: str) -> str | Path:
+        """The location of ``name`` in the tile directory (a Path, or a URL for an object store)."""
         return storage.join(self.root, name) if self.remote else self.root / name
 
     def done(self) -> set[str]:
         """Tiles recorded done whose file exists (an object store: one listing of the tiles, not a request per
         tile)."""
         if self.remote:
-            key = self.root.split("://", 1)[1]
+            key = storage.object_key(self.root)
             files = {p[len(key) + 1:] for p in storage.filesystem(self.root).find(f"{key}/tiles")}
             return {t for t, r in self.tiles.items() if r.get("status") == "done" and r["file"] in files}
         return {t for t, r in self.tiles.items() if r.get("status") == "done" and (self.root / r["file"]).exists()}
@@ -834,13 +835,13 @@ class Manifest:
 
     def _write_records(self) -> str | Path:
         """``manifest.parquet`` then ``manifest.json``, each written whole."""
-        write_records(self._at(MANIFEST_TABLE), self.tiles)
+        write_records(self.at(MANIFEST_TABLE), self.tiles)
         doc = {"format": MANIFEST_FORMAT, "fingerprint": self.fingerprint,
                "counts": {s: sum(r.get("status") == s for r in self.tiles.values()) for s in ("done", "failed")},
                "tiles_table": MANIFEST_TABLE, "runs": self.runs}
-        storage.write_bytes(self._at(MANIFEST), json.dumps(doc, indent=1, default=str).encode())
+        storage.write_bytes(self.at(MANIFEST), json.dumps(doc, indent=1, default=str).encode())
         self._flushed = time.monotonic()
-        return self._at(MANIFEST)
+        return self.at(MANIFEST)
 
     def write(self, run: Mapping[str, Any] | None = None) -> str | Path:
         """Fold the log into ``manifest.parquet`` and ``manifest.json`` (each written whole, the table first) and
@@ -1000,9 +1001,8 @@ def resolve_checkpoint(checkpoint: str, task: str) -> tuple[str, HeadInfo | None
 def _object_path(url: str) -> PurePosixPath:
     """An ``s3://bucket/key`` URL as the path ``/bucket/key`` (``with_suffix``, ``parent``, ``stem`` as for a
     local product); :func:`_product_location` turns it back into a URL."""
-    scheme, rest = url.split("://", 1)
-    assert scheme == "s3", url
-    return PurePosixPath("/" + rest)
+    assert url.startswith("s3://"), url
+    return PurePosixPath("/" + storage.object_key(url))
 
 
 def _product_location(out: Path | PurePosixPath) -> Callable[[PurePosixPath], str | Path]:
@@ -1515,8 +1515,7 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
     failed = {t: manifest.tiles.get(t, {}).get("reason", "not processed") for t in plan.tiles if t not in done_now}
     complete = not failed
     result = InferenceResult(
-        tile_dir=plan.tile_dir, manifest=plan.tile_dir / MANIFEST if isinstance(plan.tile_dir, Path) else storage.join(
-            plan.tile_dir, MANIFEST), tiles=plan.tiles, done=done,
+        tile_dir=plan.tile_dir, manifest=manifest.at(MANIFEST), tiles=plan.tiles, done=done,
         failed={} if stopped else failed, processed=processed, skipped=sorted(already), complete=complete,
         stopped_early=stopped,
     )

@@ -396,12 +396,13 @@ def _run_ingest(catalog, aoi, start, end, out, cfg, *, collections, ray_address,
     # one row per planned tile: what a scheduler or a user filters on (``pipeline.tile_table``)
     names = {zarr_cube.PLANNED: "planned", zarr_cube.DONE: "done", zarr_cube.FAILED: "failed"}
     skipped_set = set(skipped)
-    rows = {t.id: {"status": names[status.get(t.id, zarr_cube.PLANNED)], "reason": report.failed.get(t.id),
-                   "warnings": report.warnings.get(t.id),
-                   "this_run": "written" if t.id in by_id and by_id[t.id].ok else
-                   "failed" if t.id in by_id else "skipped_done" if t.id in skipped_set else None,
-                   "seconds": round(by_id[t.id].seconds, 2) if t.id in by_id else None}
-            for t in all_tiles}
+    rows = {}
+    for t in all_tiles:
+        o = by_id.get(t.id)
+        this_run = ("written" if o.ok else "failed") if o else "skipped_done" if t.id in skipped_set else None
+        rows[t.id] = {"status": names[status.get(t.id, zarr_cube.PLANNED)], "reason": report.failed.get(t.id),
+                      "warnings": report.warnings.get(t.id), "this_run": this_run,
+                      "seconds": round(o.seconds, 2) if o else None}
     zarr_cube.finalize(out, status, zarr_cube.reduce_stats(p for p in partials if p), manifest, rows)
     say("[ingest] " + report.summary())
     return report

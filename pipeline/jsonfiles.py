@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
+
 
 class CorruptRecordError(ValueError):
     """A record file that is not valid JSON (or not the object it should be)."""
@@ -16,8 +18,6 @@ class CorruptRecordError(ValueError):
 def read_json(path: str | Path, what: str, fix: str) -> Any:
     """The parsed JSON object of ``path``; :class:`CorruptRecordError` naming ``what`` (e.g. "the inference
     manifest"), the file, the parser's complaint and ``fix`` (what the user can do) otherwise."""
-    from pipeline import storage
-
     try:
         doc = json.loads(storage.read_bytes(path).decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

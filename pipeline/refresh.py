@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import shapely.geometry
 
-from pipeline import zarr_cube
+from pipeline import storage, zarr_cube
 from pipeline.cube import CubeConfig
 from pipeline.flood import NODATA, flood_legend, otsu_flood
 from pipeline.grid import TileGrid, parse_aoi, parse_tile_id, tiles_for_aoi
@@ -208,12 +208,7 @@ def _newest_day(items, seen: dict[str, list[str]], collections: Sequence[str]) -
 
 
 def _atomic_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    storage.write_bytes(path, (json.dumps(doc, indent=2, default=str) + "\n").encode())  # temp file + os.replace
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 REMOTE_SCHEMES = ("s3",)
@@ -88,27 +88,28 @@ def filesystem(url: str):
     raise StorageError(f"{url}: no filesystem for {scheme}://")  # pragma: no cover (check_url rejects it)
 
 
-def _key(url: str) -> str:
+def object_key(url: str) -> str:
+    """``bucket/key`` of an object-store URL: the path fsspec filesystems take."""
     u = urlparse(url)
     return f"{u.netloc}{u.path}"
 
 
 def exists(path: str | Path) -> bool:
     if is_remote(path):
-        return filesystem(str(path)).exists(_key(str(path)))
+        return filesystem(str(path)).exists(object_key(str(path)))
     return Path(path).exists()
 
 
 def read_bytes(path: str | Path) -> bytes:
     if is_remote(path):
-        return filesystem(str(path)).cat_file(_key(str(path)))
+        return filesystem(str(path)).cat_file(object_key(str(path)))
     return Path(path).read_bytes()
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` whole: an object PUT, or a local temporary file then ``os.replace`` (atomic both ways)."""
     if is_remote(path):
-        filesystem(str(path)).pipe_file(_key(str(path)), data)
+        filesystem(str(path)).pipe_file(object_key(str(path)), data)
         return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def upload(local: str | Path, dest: str | Path) -> None:
     """Move a finished local file to ``dest`` whole (an object PUT, or ``os.replace`` on a local disk)."""
     if is_remote(dest):
-        filesystem(str(dest)).put_file(str(local), _key(str(dest)))
+        filesystem(str(dest)).put_file(str(local), object_key(str(dest)))
         Path(local).unlink(missing_ok=True)
         return
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,7 @@ def remove(path: str | Path) -> None:
     if is_remote(path):
         fs = filesystem(str(path))
         with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(_key(str(path)))
+            fs.rm_file(object_key(str(path)))
         return
     Path(path).unlink(missing_ok=True)
 
@@ -145,19 +146,19 @@ def remove_tree(path: str | Path) -> None:
     if is_remote(path):
         fs = filesystem(str(path))
         with contextlib.suppress(FileNotFoundError):
-            fs.rm(_key(str(path)), recursive=True)
+            fs.rm(object_key(str(path)), recursive=True)
         return
     shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def local_output(dest: str | Path, suffix: str = "") -> Iterator[Path]:
+def local_output(dest: str | Path) -> Iterator[Path]:
     """A local path to write ``dest``'s content to (GDAL's COG driver needs a seekable file): for a local
     ``dest`` a temporary name beside it, for a URL a temporary directory; on success the file is moved whole
     to ``dest`` (:func:`upload`), on failure removed."""
     if is_remote(dest):
         with tempfile.TemporaryDirectory(prefix="skysense-out-") as tmp:
-            local = Path(tmp) / (Path(urlparse(str(dest)).path).name or f"out{suffix}")
+            local = Path(tmp) / (PurePosixPath(urlparse(str(dest)).path).name or "out")
             yield local
             upload(local, dest)
         return

@@ -99,7 +99,8 @@ def check_out(path: str | Path, overwrite: bool = False) -> None:
 
 def _check_out_remote(url: str, overwrite: bool) -> None:
     fs = storage.filesystem(url)
-    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    key = storage.object_key(url)
+    bucket = key.split("/", 1)[0]
     try:
         fs.ls(bucket, detail=False)
     except (FileNotFoundError, PermissionError, OSError) as e:
@@ -107,7 +108,6 @@ def _check_out_remote(url: str, overwrite: bool) -> None:
                         "or check AWS_ENDPOINT_URL and the credentials in the environment") from None
     if storage.exists(storage.join(url, "zarr.json")):
         return
-    key = url.split("://", 1)[1]
     entries = fs.ls(key, detail=False) if fs.isdir(key) else []
     if entries and not overwrite:
         raise CubeError(f"--out {url} holds objects and is not a cube ({len(entries)} entries, e.g. "
