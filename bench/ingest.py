@@ -22,7 +22,7 @@ shared pages (libraries, the plasma store) once per process, so the summed PSS i
 Targets: ingest / baseline >= 1.0, and ingest peak memory independent of the AOI size.
 
     python bench/ingest.py [--catalog CATALOG] [--sizes-km 1.5 3.0] [--region-km 3.2] [--tile-px 128]
-                           [--halo-px 16]
+                           [--halo-px 16] [--block-tiles N]
 
 Without ``--catalog`` a demo region of ``--region-km`` is generated first (not timed); the AOIs are squares
 centred in it. With ``--catalog`` the AOIs are centred on ``--center LON LAT`` (default: the centre of the
@@ -53,7 +53,8 @@ START, END = f"{YEAR}-01-01", f"{YEAR}-12-31"
 MARKER_ENV = "SKYSENSE_BENCH_INGEST_RUN"
 NOTE = (
     "the two pipelines do different work: the ingest writes whole tiles with halo (the tiles cover more than "
-    "the AOI), keeps 20 S2 / 10 S1 / 1 HR dates per tile (chosen after a 20 m SCL pass over every S2 date) and "
+    "the AOI), keeps 20 S2 / 10 S1 / 1 HR dates per tile (chosen after a 20 m SCL pass over every S2 date, read "
+    "once per block of tiles) and "
     "computes masks and statistics; the baseline loads every date of every modality over the AOI bbox only, "
     "unmasked. tiles/s therefore compares time per AOI; mb_per_s (bytes written per second) is the fairer "
     "of the two ratios"
@@ -381,6 +382,7 @@ def run_ingest(args, catalog: str, bbox: list[float], work: Path, size: float) -
         sys.executable, str(ROOT / "jobs" / "ingest.py"), "--catalog", catalog, "--bbox", *map(str, bbox),
         "--start", START, "--end", END, "--out", str(cube), "--tile-px", str(args.tile_px),
         "--halo-px", str(args.halo_px), "--hr-ratio", str(args.hr_ratio), "--ray-address", "local",
+        *(["--block-tiles", str(args.block_tiles)] if args.block_tiles else []),
     ]  # fmt: skip
     env = {"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(work / "ray")}
     env_drop = ("RAY_ADDRESS",)
@@ -410,6 +412,7 @@ def run_ingest(args, catalog: str, bbox: list[float], work: Path, size: float) -
                 "tile_task_seconds_sum": round(sum(ts), 2),
                 "tile_task_seconds_mean": round(sum(ts) / max(len(ts), 1), 2),
                 "tile_task_seconds_max": round(max(ts, default=0), 2),
+                "block_side": run.get("block_side"),  # tiles per block side the run read with
             }
     shutil.rmtree(cube, ignore_errors=True)
     return {"tiles": tiles, "tiles_planned": planned, "items": items, "nbytes": nbytes, **m, **phases}
@@ -531,6 +534,7 @@ def main(argv=None) -> int:
     p.add_argument("--tile-px", type=int, default=128)
     p.add_argument("--halo-px", type=int, default=16)
     p.add_argument("--hr-ratio", type=int, default=8)
+    p.add_argument("--block-tiles", type=int, help="passed to jobs/ingest.py (default: the job's)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bbox", nargs=4, type=float, help=argparse.SUPPRESS)

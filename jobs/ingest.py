@@ -66,6 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(decompression, warping), so one per core is faster than two (bench/ingest.py)",
     )
     p.add_argument(
+        "--block-tiles",
+        type=int,
+        default=4,
+        help="one task reads a block of up to N x N adjacent tiles, each band and date once for the block "
+        "(neighbouring tiles share source COG blocks); 1 reads tile by tile. Reduced when a block's reads would "
+        "pass 1 GiB or when there would be fewer than two blocks per CPU (default: 4)",
+    )
+    p.add_argument(
         "--ray-address",
         default=None,
         help="Ray cluster: an address, 'auto' (the cluster `ray start` runs on this machine) or 'local' "
@@ -80,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{flag} must be at least {low}, got {value}")
     if args.cpus_per_tile <= 0:
         p.error(f"--cpus-per-tile must be positive, got {args.cpus_per_tile}")
+    if args.block_tiles < 1:
+        p.error(f"--block-tiles must be at least 1, got {args.block_tiles}")
     try:
         args.bbox = parse_bbox(args.bbox)
     except ValueError as e:
@@ -109,6 +119,7 @@ def main(argv=None) -> int:
             collections=args.collections,
             ray_address=args.ray_address,
             cpus_per_tile=args.cpus_per_tile,
+            block_tiles=args.block_tiles,
             overwrite=args.overwrite,
             wait_s=args.wait,
             allow_hrefs=args.allow_href,

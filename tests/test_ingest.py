@@ -25,9 +25,9 @@ from rasterio.enums import Resampling
 
 from pipeline import bands as B
 from pipeline import demo, zarr_cube
-from pipeline.cube import CubeConfig
-from pipeline.grid import TileGrid, footprints_lonlat, load_aoi, parse_tile_id, tiles_for_aoi
-from pipeline.ingest import assign_items, run_ingest
+from pipeline.cube import CubeConfig, blocks_of
+from pipeline.grid import Tile, TileGrid, footprints_lonlat, load_aoi, parse_tile_id, tiles_for_aoi
+from pipeline.ingest import assign_items, block_side, run_ingest
 from pipeline.stac import EmptySearchError, SearchQuery, StaticCatalogSource
 from tests.raster_ref import reproject_to_tile
 
@@ -138,6 +138,45 @@ def test_values_equal_direct_reads_of_the_source_cogs(demo_cube, demo_region):
             hr = src.read(window=win, boundless=True, fill_value=0)
         np.testing.assert_array_equal(ds.hr.values[0], hr)
     assert checked >= 8
+
+
+def test_blocks_of_tiles_write_what_each_tile_read_alone_writes(tmp_path, demo_region, demo_cube):
+    """The ingest reads blocks of adjacent tiles (one read per band and date for the block, each tile its
+    slice and its own date choice): a cube read tile by tile (``block_tiles=1``) holds the same values, dates,
+    items, warnings and statistics. The tiles checked straddle block boundaries."""
+    path, dcfg = demo_region
+    ref, aoi, _ = demo_cube
+    tiles = zarr_cube.tiles_of(zarr_cube.open_cube(ref))
+    side = json.loads((ref / "manifest.json").read_text())["this_run"]["block_side"]
+    assert side >= 2 and max(len(b) for b in blocks_of(tiles, side)) > 1  # the reference was read in blocks
+    picked = {t.id for t in tiles[:: max(1, len(tiles) // 6)]}
+    out = tmp_path / "tile-by-tile.zarr"
+    report = run_ingest(str(path), aoi, *SEASON, out, CFG, progress=None, block_tiles=1,
+                        tile_filter=lambda t: t.id in picked)
+    assert report.ok and sorted(report.done) == sorted(picked), report.summary()
+    assert json.loads((out / "manifest.json").read_text())["this_run"]["block_side"] == 1
+    for tid in picked:
+        a, b = zarr_cube.open_tile(out, tid), zarr_cube.open_tile(ref, tid)
+        for name in ("s2", "s2_mask", "s2_scl", "s1", "s1_mask", "hr", "hr_mask", "time_s2", "time_s1", "time_hr"):
+            np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{tid} {name}")
+        for key in ("items", "warnings", "stats", "present"):
+            assert a.attrs[key] == b.attrs[key], (tid, key)
+
+
+def test_blocks_group_adjacent_tiles_of_one_zone_and_fit_the_memory_budget():
+    grid = TileGrid(64, 8)
+    tiles = [Tile(32, False, c, r, grid) for c in range(5) for r in range(3)] + [Tile(33, False, 0, 0, grid)]
+    blocks = blocks_of(tiles, 2)
+    assert sorted(t.id for b in blocks for t in b) == sorted(t.id for t in tiles)
+    for b in blocks:
+        assert len(b) <= 4 and len({(t.zone, t.col // 2, t.row // 2) for t in b}) == 1
+    assert sorted(len(b) for b in blocks) == [1, 1, 2, 2, 2, 4, 4]  # from the first column and row of a zone
+    assert [len(b) for b in blocks_of(tiles, 1)] == [1] * len(tiles)
+    assert block_side(CFG, 2) == 2
+    big = CubeConfig(grid=TileGrid(1024, 32), hr_ratio=32)  # a 2 x 2 block would read ~40 GB of HR alone
+    assert block_side(big, 2) == 1
+    with pytest.raises(ValueError):
+        blocks_of(tiles, 0)
 
 
 def test_cloudy_pixels_are_masked_and_dates_flagged(demo_cube):
@@ -472,7 +511,7 @@ def test_worker_node_lost_mid_ingest_loses_no_tile(tmp_path, demo_region, demo_c
         deadline = time.time() + 240
         while removed is None and time.time() < deadline and proc.poll() is None:
             if any(zarr_cube.is_done(out, t) for t in ids):
-                running = workers_running("ingest_tile", nodes)
+                running = workers_running("ingest_block", nodes)
                 if running:
                     removed = running[0]
                     cluster.remove_node(removed[1], allow_graceful=False)
