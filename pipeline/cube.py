@@ -506,23 +506,17 @@ def assemble_s2(
     for has_scl in (True, False):
         part = [k for k in active if with_scl[k] == has_scl]
         if part:
-            got = _assemble_s2_part([tiles[k] for k in part], [cands[k] for k in part], has_scl, cfg, start, end,
-                                    [warnings[k] for k in part])
-            for k, stack in zip(part, got, strict=True):
-                stacks[k] = stack
+            _fill_s2([tiles[k] for k in part], [cands[k] for k in part], has_scl, cfg, start, end,
+                     [warnings[k] for k in part], [stacks[k] for k in part])
     return stacks
 
 
-def _assemble_s2_part(
+def _fill_s2(
     tiles: Sequence[Tile], cands: Sequence[list[_Candidate]], has_scl: bool, cfg: CubeConfig, start: date, end: date,
-    warnings: Sequence[list[str]],
-) -> list[ModalityStack]:
-    n = tiles[0].shape()[0]
+    warnings: Sequence[list[str]], stacks: Sequence[ModalityStack],
+) -> None:
+    """Fill the S2 ``stacks`` of ``tiles`` (all with candidates, all with SCL or all without)."""
     T = cfg.t_s2
-    stacks = [
-        ModalityStack.empty(B.S2, T, len(B.S2_BANDS), n, np.uint16, 0, True, scl=np.zeros((T, n, n), np.uint8))
-        for _ in tiles
-    ]
     days = [_by_day(cs) for cs in cands]
     # Pass 1: a clear-sky score per day from SCL (or data coverage) at 20 m, every day read once for the block.
     from odc.geo.geobox import GeoBox
@@ -554,7 +548,7 @@ def _assemble_s2_part(
                 f"among {len(days[k])} dates; S2 flagged invalid"
             )
     if not keep:
-        return stacks
+        return
 
     def band_names(cs):
         refs = cs[0].resolved
@@ -585,7 +579,6 @@ def _assemble_s2_part(
                 stack.extra["scl"][slot] = scl
                 mask &= ~np.isin(scl, B.SCL_INVALID)
             stack.put(slot, day, data.astype(np.uint16), mask, [c.item.id for c in cs], cfg.min_valid_fraction)
-    return stacks
 
 
 def _to_db(values: np.ndarray, kind: str, nodata: float | None, warn: Callable[[str], None] | None = None,

@@ -33,7 +33,7 @@ import shapely
 import shapely.geometry
 
 from pipeline import storage, zarr_cube
-from pipeline.cube import CubeConfig, assemble_tile, assemble_tiles, blocks_of
+from pipeline.cube import CubeConfig, TileSample, assemble_tile, assemble_tiles, blocks_of
 from pipeline.grid import Tile, footprints_lonlat, tiles_for_aoi
 from pipeline.hrefs import HrefPolicy, HrefRefused
 from pipeline.locks import Busy, RunLock
@@ -92,6 +92,22 @@ class IngestReport:
         return "\n".join(lines)
 
 
+def _failed(tile_id: str, seconds: float, e: Exception) -> TileOutcome:
+    reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+    return TileOutcome(tile_id, False, seconds, reason=reason)
+
+
+def _write(cube: str, sample: TileSample, cfg: CubeConfig, seconds_before: float) -> TileOutcome:
+    """Write one assembled tile; never raises. Its seconds: ``seconds_before`` (its assembly) plus the write."""
+    t0 = time.perf_counter()
+    try:
+        zarr_cube.write_tile(cube, sample, cfg)
+        return TileOutcome(sample.tile.id, True, seconds_before + time.perf_counter() - t0,
+                           warnings=sample.warnings, stats=sample.stats)
+    except Exception as e:  # a tile's failure must not take the run down
+        return _failed(sample.tile.id, seconds_before + time.perf_counter() - t0, e)
+
+
 def ingest_tile(
     cube: str, tile: Tile, items: Sequence[Mapping], cfg: CubeConfig, start: date, end: date
 ) -> TileOutcome:
@@ -99,11 +115,9 @@ def ingest_tile(
     t0 = time.perf_counter()
     try:
         sample = assemble_tile(tile, items, cfg, start, end)
-        zarr_cube.write_tile(cube, sample, cfg)
-        return TileOutcome(tile.id, True, time.perf_counter() - t0, warnings=sample.warnings, stats=sample.stats)
     except Exception as e:  # a tile's failure must not take the run down
-        reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
-        return TileOutcome(tile.id, False, time.perf_counter() - t0, reason=reason)
+        return _failed(tile.id, time.perf_counter() - t0, e)
+    return _write(cube, sample, cfg, time.perf_counter() - t0)
 
 
 def ingest_block(
@@ -123,17 +137,7 @@ def ingest_block(
         return [ingest_tile(cube, t, [items[i] for i in lst], cfg, start, end)
                 for t, lst in zip(tiles, item_lists, strict=True)]
     share = (time.perf_counter() - t0) / len(tiles)
-    out = []
-    for sample in samples:
-        t1 = time.perf_counter()
-        try:
-            zarr_cube.write_tile(cube, sample, cfg)
-            out.append(TileOutcome(sample.tile.id, True, share + time.perf_counter() - t1,
-                                   warnings=sample.warnings, stats=sample.stats))
-        except Exception as e:  # a tile's failure must not take the run down
-            reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
-            out.append(TileOutcome(sample.tile.id, False, share + time.perf_counter() - t1, reason=reason))
-    return out
+    return [_write(cube, sample, cfg, share) for sample in samples]
 
 
 # Largest read one ingest task may hold, for choosing the block side [ours].
@@ -396,12 +400,14 @@ def _run_ingest(catalog, aoi, start, end, out, cfg, *, collections, ray_address,
         slots = max(1, int(ray.cluster_resources().get("CPU", 2) / cpus_per_tile))
         cap = max_in_flight or max(2, 2 * slots)
         side = block_side(cfg, block_tiles)
-        while side > 1 and len(blocks_of(todo, side)) < 2 * slots:  # a small run: two blocks per core at least
+        blocks = blocks_of(todo, side)
+        while side > 1 and len(blocks) < 2 * slots:  # a small run: two blocks per core at least
             side -= 1
+            blocks = blocks_of(todo, side)
         pending: dict[Any, list[str]] = {}
         # largest blocks first, so that the small ones at the AOI's edges fill in at the end;
         # popleft: O(1), where list.pop(0) is O(n)
-        queue = deque(sorted(blocks_of(todo, side), key=len, reverse=True))
+        queue = deque(sorted(blocks, key=len, reverse=True))
         last = time.perf_counter()
         while queue or pending:
             while queue and len(pending) < cap:
