@@ -125,7 +125,43 @@ def landcover_product(out: Path, cube: Path, encoder: Path, steps: int, cube_cfg
     verdict = "a tie" if abs(margin) < 5e-4 else "the model wins" if margin > 0 else "the baseline wins"
     print(f"  model - baseline: {margin:+.3f} mIoU ({verdict}); "
           f"all {len(result.done)} tiles: mIoU {score.miou:.3f} (training tiles included)")
+    _print_calibration(metrics)
+    _products_line(product)
+    rows = [{"name": "mIoU", "model": held.miou, "baseline": baseline["miou"]},
+            {"name": "pixel accuracy", "model": held.pixel_accuracy, "baseline": baseline["pixel_accuracy"]}]
+    rows += [{"name": f"IoU {n}", "model": m, "baseline": b}
+             for n, m, b in zip(names, held.iou, baseline["per_class_iou"], strict=True)]
+    _score_report(product, rows, "raw-pixel baseline (logistic regression)",
+                  f"demo truth on the {len(held_out)} held-out tiles ({held.pixels} pixels)")
     return product
+
+
+def _print_calibration(metrics: dict) -> None:
+    """The confidence band's calibration on the held-out tiles (pipeline.calibration), if the head has one."""
+    cal = metrics.get("calibration")
+    if not cal:
+        return
+    print(f"  confidence (uint8 percent of the top class): temperature {cal['temperature']:.3f} fitted on the "
+          f"{cal['fitted_on']}; held-out expected calibration error {cal['ece_uncalibrated']:.4f} uncalibrated -> "
+          f"{cal['ece_calibrated']:.4f} calibrated (accuracy {cal['held_out_accuracy']:.3f}, mean confidence "
+          f"{cal['mean_confidence_calibrated']:.3f})")
+
+
+def _products_line(product: Path) -> None:
+    """Which files beside the COG make the product (confidence, polygons, report)."""
+    made = [p.name for p in (product.with_name(f"{product.stem}.confidence.tif"), product.with_suffix(".parquet"),
+                             product.with_name(f"{product.stem}.report.html")) if p.exists()]
+    print(f"  beside {product.name}: {', '.join(made)}")
+
+
+def _score_report(product: Path, rows: list[dict], baseline_name: str, truth_name: str) -> None:
+    """Re-render the product's report with the scores against truth, the baseline beside the model."""
+    from pipeline.inference import update_report
+
+    html = product.with_name(f"{product.stem}.report.html")
+    if html.exists():
+        update_report(html, metrics=rows, baseline_name=baseline_name, truth_name=truth_name)
+        print(f"  report with the scores: {html}")
 
 
 def flood_scores(out: Path, cube: Path, encoder: Path, steps: int, dcfg: demo.DemoConfig,
@@ -176,6 +212,14 @@ def flood_scores(out: Path, cube: Path, encoder: Path, steps: int, dcfg: demo.De
     margin = metrics["miou"] - otsu["miou"]
     verdict = "a tie" if abs(margin) < 5e-4 else "the model wins" if margin > 0 else "Otsu wins"
     print(f"  model - Otsu: {margin:+.3f} mIoU ({verdict})")
+    _print_calibration(metrics)
+    if result.complete:
+        _products_line(product)
+        rows = [{"name": "mIoU", "model": metrics["miou"], "baseline": otsu["miou"]}]
+        rows += [{"name": f"IoU {n}", "model": m, "baseline": b}
+                 for n, m, b in zip(names, metrics["per_class_iou"].values(), otsu["per_class_iou"], strict=True)]
+        _score_report(product, rows, f"Otsu ({otsu['classifier']})",
+                      f"demo flood truth of {fd}, {metrics['val_pixels']} held-out pixels")
     return {"model": metrics["miou"], "otsu": otsu["miou"]}
 
 

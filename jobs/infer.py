@@ -3,14 +3,20 @@
     python jobs/infer.py --cube CUBE --checkpoint CKPT --task landcover|fewshot|embeddings --out OUT.tif
                          [--support TILES_AND_LABELS] [--window N] [--overlap N] [--margin N] [--batch-size N] [--gpu]
                          [--crs EPSG] [--overwrite] [--allow-partial] [--name NAME] [--work-dir DIR]
-                         [--ray-address ADDR] [--num-actors N]
+                         [--ray-address ADDR] [--num-actors N] [--min-mapping-unit M2] [--no-vectors] [--no-report]
+                         [--embedding-dtype int8|float32] [--embedding-cog]
     ray job submit --working-dir . -- python jobs/infer.py ...
 
 CKPT: for landcover, a fine-tune run directory (jobs/finetune.py --out) or its head.safetensors, which names the
 encoder it was trained on; for fewshot and embeddings, an encoder checkpoint (jobs/pretrain.py's
-model.safetensors). Writes OUT.tif (uint8 classes, nodata 255, colour table, class names; or float32 F_fus bands,
-nodata NaN), OUT.png (quicklook) and OUT.json (STAC item), and the per-tile GeoTIFFs with manifest.json in
-WORK_DIR/NAME (default: OUT's directory / OUT's stem + ".tiles"). A re-run skips the tiles already done with the
+model.safetensors). Writes OUT.tif (uint8 classes, nodata 255, colour table, class names), OUT.png (quicklook),
+OUT.json (STAC item); for class maps also OUT.confidence.tif (uint8 percent of the top class, calibrated by the
+head's temperature), OUT.parquet (the classes as polygons, GeoParquet) and OUT.report.html (quicklook, legend,
+class areas, provenance, timings, cost; static, opens offline). Embeddings: OUT.zarr, the embedding field (64-d
+unit vectors as int8, one Zarr v3 chunk per tile; OUT may end in .zarr), plus an int8 COG when OUT ends in .tif
+or with --embedding-cog; --embedding-dtype float32 writes the raw F_fus bands as a float32 COG (nodata NaN)
+instead. The per-tile GeoTIFFs with manifest.json go to WORK_DIR/NAME (default: OUT's directory / OUT's stem +
+".tiles"). A re-run skips the tiles already done with the
 same settings. Prints a JSON summary line. Exit codes: 0 done (with --allow-partial: also when tiles failed),
 1 tiles failed or the run failed, 2 bad input (nothing written).
 """
@@ -74,6 +80,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a product wider or taller than this many pixels is written as COG parts of this side "
                         "with a VRT joining them (OUT.vrt) and a STAC Collection (OUT.json) (default: "
                         f"{DEFAULT_PART_PX})")
+    p.add_argument("--allow-href", action="append", default=[], metavar="DIR_OR_URL",
+                   help="fewshot: a directory or URL prefix a --support FILE may point to beyond its own directory "
+                        "(repeatable)")
+    p.add_argument("--min-mapping-unit", type=float, default=0.0, metavar="M2",
+                   help="class polygons: patches smaller than this many m² are merged into their neighbours first")
+    p.add_argument("--no-vectors", action="store_true", help="do not polygonise the class map (OUT.parquet)")
+    p.add_argument("--no-report", action="store_true", help="do not write OUT.report.html")
+    p.add_argument("--embedding-dtype", choices=("int8", "float32"), default="int8",
+                   help="embeddings: int8 = the 64-d unit-vector field OUT.zarr (default); float32 = raw F_fus COG")
+    p.add_argument("--embedding-cog", action="store_true",
+                   help="embeddings with OUT.zarr: also write the int8 vectors as a COG (OUT's stem + .tif)")
     p.add_argument("--max-tiles", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop after N tiles
     p.add_argument("--write-pids", action="store_true", help=argparse.SUPPRESS)  # tests: actors write their pids
     return p.parse_args(argv)
@@ -86,7 +103,9 @@ def main(argv=None) -> int:
         overlap=a.overlap, margin=a.margin, batch_size=a.batch_size, gpu=a.gpu, crs=a.crs, overwrite=a.overwrite,
         allow_partial=a.allow_partial, name=a.name, work_dir=a.work_dir, ray_address=a.ray_address,
         num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, part_px=a.part_px, max_tiles=a.max_tiles,
-        write_pids=a.write_pids,
+        write_pids=a.write_pids, min_mapping_unit_m2=a.min_mapping_unit, vectors=not a.no_vectors,
+        report=not a.no_report, allow_hrefs=tuple(a.allow_href), embedding_dtype=a.embedding_dtype,
+        embedding_cog=a.embedding_cog,
     )
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  (stdout holds the JSON summary only)
     import ray

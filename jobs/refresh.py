@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wait", type=float, default=0.0,
                    help="seconds to wait for another run of the product to finish (default 0: exit at once)")
     p.add_argument("--allow-partial", action="store_true", help="exit 0 even when tiles failed")
+    p.add_argument("--min-mapping-unit", type=float, default=0.0, metavar="M2",
+                   help="the product's polygons (GeoParquet): patches under this many m² are merged into neighbours")
     p.add_argument("--keep-work", action="store_true", help="keep the run's cube and predictions after the commit")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster: an address, 'auto' or 'local'. Default: RAY_ADDRESS if set, else a local Ray")
@@ -95,8 +97,11 @@ def main(argv=None) -> int:
         cube=cube, collections=a.collections, window=a.window, overlap=a.overlap, batch_size=a.batch_size,
         gpu=a.gpu, num_actors=a.num_actors, crs=a.crs, wait_s=a.wait, keep_work=a.keep_work,
         allow_hrefs=tuple(a.allow_href),
-        ray_address=a.ray_address,
+        ray_address=a.ray_address, min_mapping_unit_m2=a.min_mapping_unit,
     )
+    if a.min_mapping_unit < 0:
+        print(f"error: --min-mapping-unit must be >= 0 m², got {a.min_mapping_unit}", file=sys.stderr)
+        return 2
     import ray
 
     ours = not ray.is_initialized()  # stop only a Ray this call started (never a caller's session)

@@ -153,6 +153,7 @@ class HeadInfo:
     hidden: int = 0
     train: str = "head"  # what the fine-tuning trained (TRAIN_PARTS)
     until_doy: int | None = None  # an as-of head: inference drops the dates after this day of year too
+    temperature: float = 1.0  # softmax temperature of the confidence band (pipeline.calibration); 1: not fitted
 
 
 def save_head(
@@ -160,7 +161,7 @@ def save_head(
     encoder: str | Path, preset: str, class_names: Mapping[int, str] | None = None,
     colormap: Mapping[int, tuple[int, ...]] | None = None, window: int | None = None, labels: str | None = None,
     encoder_sha256: str | None = None, features: str = "fused", hidden: int = 0, train: str = "head",
-    until_doy: int | None = None,
+    until_doy: int | None = None, temperature: float = 1.0,
 ) -> Path:
     """Write the head's weights and its self-description (module docstring) to ``path`` atomically."""
     path = Path(path)
@@ -172,6 +173,7 @@ def save_head(
         "colormap": json.dumps({str(k): list(v) for k, v in sorted((colormap or {}).items())}),
         "window": "" if window is None else str(window), "labels": labels or "", "features": features,
         "hidden": str(hidden), "train": train, "until_doy": "" if until_doy is None else str(until_doy),
+        "temperature": repr(float(temperature)),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp), metadata=meta)
@@ -207,6 +209,7 @@ def read_head_info(path: str | Path) -> HeadInfo:
         window=int(meta["window"]) if meta.get("window") else None, features=meta.get("features") or "fused",
         hidden=int(meta.get("hidden") or 0), train=meta.get("train") or "head",
         until_doy=int(meta["until_doy"]) if meta.get("until_doy") else None,
+        temperature=float(meta.get("temperature") or 1.0),
     )
 
 
@@ -359,6 +362,35 @@ def evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
             logits = head.forward_pixels(x[i:i + chunk])
             cm += confusion(logits.argmax(1), y[i:i + chunk], num_classes)
     return scores(cm, truth_classes_only)
+
+
+def pixel_logits(head: nn.Module, x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """(N, C) float32 logits of ``head`` on pixel features x (N, F)."""
+    with torch.no_grad():
+        return torch.cat([head.forward_pixels(x[i:i + chunk]).float() for i in range(0, len(x), chunk)] or
+                         [torch.zeros(0, 0)])
+
+
+def calibrate(head: nn.Module, select: TileSet, held_out: TileSet | None) -> dict:
+    """The confidence's temperature (``pipeline.calibration``), fitted on the selection tiles' pixels (never the
+    held-out ones), and the held-out tiles' expected calibration error before and after. Without selection
+    pixels the temperature stays 1 (``fitted_on`` says so)."""
+    from pipeline.calibration import expected_calibration_error, fit_temperature
+
+    fitted = len(select.y) > 0
+    t = fit_temperature(pixel_logits(head, select.x), select.y) if fitted else 1.0
+    rec = {"temperature": t, "fitted_on": "selection tiles" if fitted else "nothing (no selection tiles)",
+           "fit_pixels": int(len(select.y)), "ece_uncalibrated": float("nan"), "ece_calibrated": float("nan"),
+           "mean_confidence_calibrated": float("nan"), "held_out_accuracy": float("nan")}
+    if held_out is not None and len(held_out.y):
+        z = pixel_logits(head, held_out.x)
+        y = held_out.y
+        rec["ece_uncalibrated"] = expected_calibration_error(torch.softmax(z, 1), y)
+        p = torch.softmax(z / t, 1)
+        rec["ece_calibrated"] = expected_calibration_error(p, y)
+        rec["mean_confidence_calibrated"] = float(p.max(1).values.mean())
+        rec["held_out_accuracy"] = float((z.argmax(1) == y).float().mean())
+    return rec
 
 
 def scores(cm: torch.Tensor, truth_classes_only: bool = False) -> dict:
@@ -580,6 +612,10 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[d
     head, rec = train_head(cfg, feats["train"], select, num_classes, in_dim, log=log)
     seconds["head"] = rec.pop("seconds")
     test = evaluate(head, feats["held_out"].x, feats["held_out"].y, num_classes)
+    calibration = calibrate(head, select, feats["held_out"])
+    log(f"[finetune] confidence: temperature {calibration['temperature']:.3f} fitted on {calibration['fit_pixels']} "
+        f"selection pixels; held-out ECE {calibration['ece_uncalibrated']:.4f} uncalibrated, "
+        f"{calibration['ece_calibrated']:.4f} calibrated")
     names = cfg.class_names or [str(i) for i in range(num_classes)]
     legend_names, legend_colors = label_legend(cfg.labels)
     if not cfg.class_names and legend_names:
@@ -592,12 +628,14 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> tuple[d
         "best_step": rec["best_step"], "select_miou": rec["select_miou"],
         "per_class_iou": {names[i]: v for i, v in enumerate(test["per_class_iou"])}, "miou": test["miou"],
         "pixel_accuracy": test["pixel_accuracy"], "val_pixels": test["pixels"],
-        "train_pixels": int(len(feats["train"].y)), "seconds": seconds, **rec, **record, "config": asdict(cfg),
+        "train_pixels": int(len(feats["train"].y)), "calibration": calibration, "seconds": seconds, **rec,
+        **record, "config": asdict(cfg),
     }
     save_head(out / HEAD_FILE, head, kind=cfg.head, num_classes=num_classes, in_dim=in_dim,
               channels=0, encoder=encoder, preset=mcfg.name,
               class_names={i: n for i, n in enumerate(cfg.class_names)} or legend_names, colormap=legend_colors,
               window=cfg.window, labels=str(Path(cfg.labels).resolve()), features=cfg.features,
-              hidden=cfg.hidden if cfg.head == "mlp" else 0, train=cfg.train, until_doy=cfg.until_doy)
+              hidden=cfg.hidden if cfg.head == "mlp" else 0, train=cfg.train, until_doy=cfg.until_doy,
+              temperature=calibration["temperature"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics, feats

@@ -89,6 +89,7 @@ from pipeline.datasource import (
     until,
     window_origins,
 )
+from pipeline.embedding_field import EMBEDDING_DIMS
 from pipeline.grid import parse_tile_id, utm_epsg, utm_zone
 from pipeline.jsonfiles import read_json
 from pipeline.labels import NODATA
@@ -101,6 +102,7 @@ TASKS = ("landcover", "fewshot", "embeddings")
 MANIFEST = "manifest.json"
 MANIFEST_TABLE = "manifest.parquet"
 TILE_FILE = "tiles/{tile_id}.tif"  # a tile's prediction, relative to the tile directory
+CONFIDENCE_FILE = "tiles/{tile_id}.confidence.tif"  # a class map tile's confidence band (uint8 percent)
 MANIFEST_LOG = "manifest.log.jsonl"
 MANIFEST_FORMAT = "skysense-inference-manifest/2"  # /1 kept the tile records inside manifest.json (still read)
 DEFAULT_WINDOW = 32  # few-shot, and presets not in PRESET_WINDOW
@@ -230,27 +232,41 @@ class SupportEntry:
     labels: str
 
 
-def parse_support(spec: str | Path, cube: str | Path) -> list[SupportEntry]:
+def parse_support(spec: str | Path, cube: str | Path, allow: Sequence[str] = ()) -> list[SupportEntry]:
     """The ``--support`` argument: a JSON file, or the JSON text itself, in one of two forms::
 
         {"labels": "truth/landcover_hr.tif", "tiles": ["32N_0391_3904", "32N_0392_3904"], "cube": "other.zarr"}
         [{"tile": "32N_0391_3904", "labels": "a.tif"}, {"tile": "32N_0392_3904", "labels": "b.tif", "cube": "c.zarr"}]
 
     ``cube`` is optional (default: the cube being predicted). Relative paths in a file are relative to the file.
-    Raises ``ValueError`` with the reason for anything else."""
-    text, base = str(spec), Path.cwd()
+    A file is input someone else may have written: the label rasters and cubes it names must lie in its own
+    directory tree, or be http(s) / object-store URLs (``pipeline.hrefs``: the catalog policy, with the file's
+    directory as the catalog's), unless ``allow`` (``--allow-href``) names their directory; JSON text on the
+    command line is the user's own and is not policed. Raises ``ValueError`` with the reason for anything else
+    (``pipeline.hrefs.HrefRefused``, a ``ValueError``, for a path outside the policy)."""
+    from pipeline.hrefs import HrefPolicy, HrefRefused
+
+    text, base, policy = str(spec), Path.cwd(), None
     if not text.lstrip().startswith(("{", "[")):
         p = Path(text)
         if not p.is_file():
             raise ValueError(f"--support {text}: no such file (give a JSON file or JSON text)")
         text, base = p.read_text(), p.resolve().parent
+        policy = HrefPolicy.for_catalog(base, allow)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"--support is not valid JSON: {e}") from None
 
     def path(v: str) -> str:
-        return v if "://" in v or v.startswith("/vsi") else str((base / v).resolve())
+        resolved = v if "://" in v or v.startswith("/vsi") else str((base / v).resolve())
+        if policy is not None:
+            try:
+                policy.check(resolved, what=f"--support {spec}: the path")
+            except HrefRefused as e:
+                raise HrefRefused(str(e).replace("the catalog's directory", "the support file's directory")) \
+                    from None
+        return resolved
 
     if isinstance(doc, dict):
         if not isinstance(doc.get("tiles"), list) or not isinstance(doc.get("labels"), str):
@@ -366,7 +382,10 @@ class PredictorSpec:
     pid_dir: test hook, each actor writes ``actor-<pid>.pid`` there, and ``busy-<pid>`` while it works.
     features: the per-pixel feature stack the head reads, or the embeddings written
     (:data:`skysense_core.pixel_features.FEATURE_SETS`; landcover takes its head's). until_doy: dates after this
-    day of year are not used (an as-of head, e.g. a flood on its event date: the head's own setting)."""
+    day of year are not used (an as-of head, e.g. a flood on its event date: the head's own setting).
+    temperature: softmax temperature of the confidence band (the head's, ``pipeline.calibration``).
+    embedding_dims: embeddings written as the int8 field's unit vectors of this width
+    (``pipeline.embedding_field``); None: the float32 features as computed."""
 
     task: str
     encoder: str
@@ -387,6 +406,13 @@ class PredictorSpec:
     margin: int = 0
     features: str = "fused"
     until_doy: int | None = None
+    temperature: float = 1.0
+    embedding_dims: int | None = None
+
+    @property
+    def classes(self) -> bool:
+        """A class map (landcover, fewshot), written with its confidence band; else embeddings."""
+        return self.task != "embeddings"
 
     def windows(self) -> list[tuple[int, int, int, int]]:
         """The windows (y0, x0, height, width) in S2 px of the tile sample that one tile is predicted from: they
@@ -474,6 +500,11 @@ class TilePredictor:
 
         cfg, _ = encoder_config(spec.encoder)
         self.feature_dim = feature_dim(spec.features, cfg, spec.modalities)
+        self.projection = None
+        if spec.task == "embeddings" and spec.embedding_dims:
+            from pipeline.embedding_field import projection
+
+            self.projection = projection(self.feature_dim, spec.embedding_dims)
         self._loaded = False
 
     def _load(self) -> None:
@@ -512,11 +543,31 @@ class TilePredictor:
     # -- what it writes -------------------------------------------------------------------------------------------
     @property
     def out_bands(self) -> int:
-        return self.feature_dim if self.spec.task == "embeddings" else 1
+        """Bands of a tile as the Ray UDF returns it: class + confidence, or the embedding's width."""
+        if self.spec.classes:
+            return 2
+        return min(self.feature_dim, self.spec.embedding_dims or self.feature_dim)
 
     @property
     def out_dtype(self) -> np.dtype:
-        return np.dtype(np.float32) if self.spec.task == "embeddings" else np.dtype(np.uint8)
+        if self.spec.classes:
+            return np.dtype(np.uint8)
+        return np.dtype(np.int8) if self.spec.embedding_dims else np.dtype(np.float32)
+
+    @property
+    def out_fill(self) -> float:
+        from pipeline.embedding_field import EMBEDDING_NODATA
+
+        return {"u": NODATA, "i": EMBEDDING_NODATA, "f": np.nan}[self.out_dtype.kind]
+
+    def written(self, pred: np.ndarray) -> np.ndarray:
+        """A tile's prediction (:meth:`predict_rows` with confidence) as written: the embeddings quantised to the
+        int8 field's unit vectors when ``embedding_dims`` is set, else as it is."""
+        if self.spec.classes or not self.spec.embedding_dims:
+            return pred
+        from pipeline.embedding_field import quantise
+
+        return quantise(pred, self.projection)
 
     def _autocast(self):
         import torch
@@ -531,10 +582,13 @@ class TilePredictor:
         (bands, n, n), n = tile_px: uint8 class ids with nodata 255, or float32 features with nodata NaN."""
         return self.predict_rows([row])[0]
 
-    def predict_rows(self, rows: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+    def predict_rows(self, rows: Sequence[Mapping[str, np.ndarray]], confidence: bool = False) -> list[np.ndarray]:
         """Several tile sample rows -> their core predictions (:meth:`predict`). Windows of the same shape are
         batched across the tiles (``batch_size`` per forward); each window's values are accumulated with a Hann
-        weight, then divided by the accumulated weight."""
+        weight, then divided by the accumulated weight. ``confidence`` (class maps): a second band, the top
+        class's probability in percent (uint8 0..100, 255 nodata; landcover: softmax of the blended logits at
+        the head's temperature, ``pipeline.calibration``; few-shot: its blended class probability, not
+        calibrated)."""
         import torch
 
         self._load()
@@ -581,7 +635,17 @@ class TilePredictor:
             else:
                 cls = blended.argmax(0).astype(np.uint8)
                 cls[~valid] = NODATA
-                out.append(cls[None])
+                if not confidence:
+                    out.append(cls[None])
+                    continue
+                from pipeline.calibration import CONFIDENCE_NODATA, confidence_percent
+
+                if s.task == "fewshot":  # blended probabilities already
+                    conf = np.rint(np.clip(blended.max(0), 0, 1) * 100).astype(np.uint8)
+                else:
+                    conf = confidence_percent(torch.from_numpy(blended), s.temperature).numpy()
+                conf[~valid] = CONFIDENCE_NODATA
+                out.append(np.stack([cls, conf]))
         return out
 
     def _window_values(self, x, kept: tuple[slice, slice] | None = None) -> Any:
@@ -658,16 +722,18 @@ class TilePredictor:
             else:
                 readable.append(i)
         try:  # the tiles' windows batched together ...
-            preds.update(zip(readable, self.predict_rows([{k: v[i] for k, v in batch.items()} for i in readable]),
+            rows = [{k: v[i] for k, v in batch.items()} for i in readable]
+            preds.update(zip(readable, map(self.written, self.predict_rows(rows, confidence=self.spec.classes)),
                              strict=True))
         except Exception:  # ... and if that fails, one by one: one bad tile must not take its neighbours down
             for i in readable:
                 try:
-                    preds[i] = self.predict({k: v[i] for k, v in batch.items()})
+                    row = {k: v[i] for k, v in batch.items()}
+                    preds[i] = self.written(self.predict_rows([row], confidence=self.spec.classes)[0])
                 except Exception as e:
                     reasons[i] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
         seconds = (time.perf_counter() - t0) / max(len(ids), 1)
-        fill = np.nan if self.out_dtype.kind == "f" else NODATA
+        fill = self.out_fill
         for i, tile_id in enumerate(ids):
             out["tile_id"].append(tile_id)
             out["status"].append("done" if i in preds else "failed")
@@ -686,11 +752,12 @@ class TilePredictor:
 # ------------------------------------------------------------------------------------------------------------------
 # the per-tile sink
 # ------------------------------------------------------------------------------------------------------------------
-def tile_path(tile_dir: str | Path, tile_id: str) -> Path | str:
-    """Where a tile's prediction lives: a Path, or a URL (str) for an ``s3://`` tile directory."""
+def tile_path(tile_dir: str | Path, tile_id: str, pattern: str = TILE_FILE) -> Path | str:
+    """Where a tile's prediction (or, with ``pattern`` :data:`CONFIDENCE_FILE`, its confidence) lives: a Path,
+    or a URL (str) for an ``s3://`` tile directory."""
     if storage.is_remote(tile_dir):
-        return storage.join(str(tile_dir), TILE_FILE.format(tile_id=tile_id))
-    return Path(tile_dir) / TILE_FILE.format(tile_id=tile_id)
+        return storage.join(str(tile_dir), pattern.format(tile_id=tile_id))
+    return Path(tile_dir) / pattern.format(tile_id=tile_id)
 
 
 def write_tile(path: str | Path, data: np.ndarray, *, epsg: int, transform, nodata, colormap=None,
@@ -721,11 +788,13 @@ def write_tile(path: str | Path, data: np.ndarray, *, epsg: int, transform, noda
 
 def write_tile_outputs(batch: Mapping[str, np.ndarray], *, tile_dir: str, cube: str, nodata: float,
                        colormap: Mapping[int, tuple] | None = None, band_names: Sequence[str] | None = None,
-                       tags: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+                       tags: Mapping[str, str] | None = None, confidence: bool = False) -> dict[str, np.ndarray]:
     """The per-tile sink (a Ray Data map stage on fractional CPUs): writes every ``done`` row's ``pred`` as
     ``tile_dir/tiles/<tile_id>.tif`` in the tile's UTM CRS (georeference from the cube's tile attributes, the core
     offset by the halo) and returns the status rows without ``pred``: ``tile_id``, ``status``, ``reason``,
-    ``seconds``, ``worker``, ``file``. A failed write turns the row into ``failed`` with the reason."""
+    ``seconds``, ``worker``, ``file``. A failed write turns the row into ``failed`` with the reason.
+    ``confidence``: ``pred`` is (class, confidence); the confidence goes to ``tiles/<tile_id>.confidence.tif``
+    (uint8 percent, nodata 255), written before the class map so that a tile whose class map exists has both."""
     from affine import Affine
 
     from pipeline.labels import tile_georef
@@ -738,9 +807,17 @@ def write_tile_outputs(batch: Mapping[str, np.ndarray], *, tile_dir: str, cube: 
             try:
                 geo = tile_georef(cube, tile_id)
                 c0 = parse_tile_id(tile_id, grid).core_slice()[0].start
-                write_tile(tile_path(tile_dir, tile_id), np.asarray(batch["pred"][i]), epsg=geo.epsg,
-                           transform=geo.transform * Affine.translation(c0, c0), nodata=nodata,
-                           colormap=colormap, band_names=band_names, tags={**(tags or {}), "tile_id": tile_id})
+                pred = np.asarray(batch["pred"][i])
+                where = dict(epsg=geo.epsg, transform=geo.transform * Affine.translation(c0, c0))
+                if confidence:
+                    from pipeline.calibration import CONFIDENCE_NODATA
+
+                    write_tile(tile_path(tile_dir, tile_id, CONFIDENCE_FILE), pred[1:2], nodata=CONFIDENCE_NODATA,
+                               band_names=["confidence_percent"], tags={**(tags or {}), "tile_id": tile_id},
+                               **where)
+                    pred = pred[:1]
+                write_tile(tile_path(tile_dir, tile_id), pred, nodata=nodata, colormap=colormap,
+                           band_names=band_names, tags={**(tags or {}), "tile_id": tile_id}, **where)
                 f = TILE_FILE.format(tile_id=tile_id)
             except Exception as e:
                 status[i], reason[i] = "failed", f"write failed: {type(e).__name__}: {e}"
@@ -869,7 +946,8 @@ class InferenceConfig:
     COG (``.tif``), next to it ``<stem>.png`` (quicklook) and ``<stem>.json`` (STAC item). The cube, ``out`` and
     ``work_dir`` may be ``s3://`` URLs (``pipeline.storage``: the actors write the tiles there, the driver reads
     them through GDAL and uploads the product); support [--support]
-    (fewshot, :func:`parse_support`); window [--window] the largest window, S2 px (default
+    (fewshot, :func:`parse_support`; allow_hrefs [--allow-href]: directories or URL prefixes a support file may
+    point to beyond its own directory tree); window [--window] the largest window, S2 px (default
     :data:`PRESET_WINDOW` of the encoder's preset, 32 for few-shot; at most the tile sample); overlap [--overlap]
     px shared by neighbouring windows (default :data:`DEFAULT_OVERLAP`); margin [--margin] px of context around
     the tile core that the windows cover (default :data:`DEFAULT_MARGIN`, at most the cube's halo); batch_size
@@ -891,7 +969,15 @@ class InferenceConfig:
     ``<tile dir>/pids``), make_product (False: predict the tiles and stop; the caller mosaics them with others,
     as ``pipeline.refresh`` does); part_px [--part-px]: a product wider or taller than this (output px) is
     written as COGs of part_px x part_px on one grid, made by parallel Ray tasks, with a VRT that opens them as
-    one raster and a STAC Collection of the parts (``pipeline.mosaic.mosaic_parts``); below it, one COG."""
+    one raster and a STAC Collection of the parts (``pipeline.mosaic.mosaic_parts``); below it, one COG.
+
+    Products. A class map (landcover, fewshot) comes with ``<stem>.confidence.tif`` (uint8 percent of the top
+    class, ``pipeline.calibration``), ``<stem>.parquet`` (its polygons, GeoParquet, ``pipeline.vectors``; vectors
+    [--no-vectors]; min_mapping_unit_m2 [--min-mapping-unit]: smaller patches are merged into their neighbours
+    first) and ``<stem>.report.html`` (report [--no-report]). embedding_dtype [--embedding-dtype]: ``int8`` (the
+    default) writes the embedding field ``<stem>.zarr`` (``pipeline.embedding_field``: 64-d unit vectors, one
+    Zarr chunk per tile; ``out`` may end in ``.zarr``), plus an int8 COG when ``out`` ends in ``.tif`` or with
+    embedding_cog [--embedding-cog]; ``float32``: the raw features as a float32 COG, nodata NaN."""
 
     cube: str
     checkpoint: str
@@ -922,6 +1008,12 @@ class InferenceConfig:
     write_pids: bool = False
     make_product: bool = True
     part_px: int = DEFAULT_PART_PX
+    allow_hrefs: tuple[str, ...] = ()
+    embedding_dtype: str = "int8"
+    embedding_cog: bool = False
+    vectors: bool = True
+    min_mapping_unit_m2: float = 0.0
+    report: bool = True
 
 
 @dataclass
@@ -948,7 +1040,23 @@ class InferencePlan:
 
     @property
     def nodata(self) -> float:
-        return float("nan") if self.spec.task == "embeddings" else NODATA
+        if self.spec.classes:
+            return NODATA
+        from pipeline.embedding_field import EMBEDDING_NODATA
+
+        return EMBEDDING_NODATA if self.spec.embedding_dims else float("nan")
+
+    @property
+    def field(self) -> Path | None:
+        """The embedding field's path (``<stem>.zarr``), None when the run writes none."""
+        return self.out.with_suffix(".zarr") if self.spec.embedding_dims else None
+
+    @property
+    def cog(self) -> Path | None:
+        """The product COG's path, None for a field-only embeddings run (``--out X.zarr``)."""
+        if self.spec.embedding_dims and self.out.suffix == ".zarr" and not self.config.embedding_cog:
+            return None
+        return self.out.with_suffix(".tif")
 
 
 def encoder_config(path: str | Path):
@@ -1035,16 +1143,26 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
     remote = storage.is_remote(cfg.out)
     out = _object_path(storage.location(cfg.out)) if remote else Path(cfg.out).resolve()
     out_at = _product_location(out)
-    if out.suffix.lower() not in (".tif", ".tiff"):
-        raise ValueError(f"--out must be a GeoTIFF path (.tif), got {out_at(out)}")
-    if storage.exists(out_at(out)) and not cfg.overwrite:
-        raise FileExistsError(f"the product {out_at(out)} exists: pass --overwrite to replace it")
+    if cfg.embedding_dtype not in ("int8", "float32"):
+        raise ValueError(f"--embedding-dtype must be int8 or float32, got {cfg.embedding_dtype!r}")
+    field = cfg.task == "embeddings" and cfg.embedding_dtype == "int8"
+    if out.suffix.lower() not in ((".tif", ".tiff", ".zarr") if field else (".tif", ".tiff")):
+        raise ValueError(f"--out must be a GeoTIFF path (.tif){' or an embedding field (.zarr)' if field else ''}, "
+                         f"got {out_at(out)}")
+    if field and remote:
+        raise ValueError(f"--out {out_at(out)}: the int8 embedding field is written to a local path only; "
+                         f"use --embedding-dtype float32 for an s3:// COG, or a local --out")
+    if cfg.min_mapping_unit_m2 < 0:
+        raise ValueError(f"--min-mapping-unit must be >= 0 m², got {cfg.min_mapping_unit_m2}")
+    for existing in ([out, out.with_suffix(".zarr")] if field else [out]):
+        if storage.exists(out_at(existing)) and not cfg.overwrite:
+            raise FileExistsError(f"the product {out_at(existing)} exists: pass --overwrite to replace it")
     if storage.exists(out_at(out.with_suffix(".vrt"))) and not cfg.overwrite:
         raise FileExistsError(f"the product {out_at(out.with_suffix('.vrt'))} (in parts) exists: pass --overwrite "
                               f"to replace it")
     if cfg.part_px < 16:
         raise ValueError(f"--part-px must be >= 16, got {cfg.part_px}")
-    if not remote and out.exists() and out.is_dir():
+    if not remote and out.exists() and out.is_dir() and out.suffix != ".zarr":
         raise ValueError(f"--out {out} is a directory")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
@@ -1132,7 +1250,7 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         class_names = {k: v for k, v in head.class_names.items() if k < num_classes}
         colormap = {k: v for k, v in head.colormap.items() if k < num_classes}
     elif cfg.task == "fewshot":
-        entries = parse_support(cfg.support, cube)
+        entries = parse_support(cfg.support, cube, cfg.allow_hrefs)
         for e in entries:
             if e.cube != cube:
                 other = zarr_cube.cube_config(zarr_cube.open_cube(e.cube))
@@ -1152,6 +1270,8 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         class_names, colormap = names0, colors0
         say(f"[infer] reading {len(entries)} support tile(s)")
         support = load_support(entries, size, window, overlap, ccfg.hr_ratio, mods, num_classes)
+    elif field:
+        band_names = [f"emb_{i:02d}" for i in range(min(EMBEDDING_DIMS, feature_dim))]
     else:
         d = mcfg.fusion_dim
         band_names = [f"fus_mm_{i:04d}" for i in range(d)]
@@ -1185,6 +1305,8 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         num_classes=num_classes, gpu=cfg.gpu, threads=cfg.threads, support=support, seed=cfg.seed,
         pid_dir=storage.join(tile_dir, "pids") if cfg.write_pids else None, margin=margin, features=features,
         until_doy=head.until_doy if head is not None else None,
+        temperature=head.temperature if head is not None else 1.0,
+        embedding_dims=EMBEDDING_DIMS if field else None,
     )
     fingerprint = {
         "task": cfg.task, "cube": cube, "encoder_sha256": sha,
@@ -1192,6 +1314,9 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         "support": support.digest() if support is not None else None, "window": window, "overlap": overlap,
         "margin": margin,
         "precision": "bf16" if cfg.gpu else "fp32", "seed": cfg.seed if cfg.task == "fewshot" else None,
+        # what a tile file holds: class map + confidence file, the int8 field's vectors, or float features
+        "tile_format": "class+confidence/1" if cfg.task != "embeddings" else
+                       f"int8-unit-{EMBEDDING_DIMS}/1" if field else "float32",
     }
     return InferencePlan(
         config=cfg, spec=spec, out=out, tile_dir=tile_dir, tiles=tiles, todo=todo, missing=missing,
@@ -1329,19 +1454,21 @@ def _ray_map(num_cpus: float):
     return run
 
 
-def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str], say) -> tuple[Any, Any, Any]:
+def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str], say,
+                  run: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """The mosaic COG (or, past ``part_px``, the part COGs and their VRT), its quicklook PNG and STAC item (or
-    collection of part items) from the done tiles. An ``s3://`` product is made in a local temporary directory
-    (GDAL's COG driver writes a seekable file) and uploaded file by file, the item's relative hrefs intact;
-    the tiles are read where they are."""
+    collection of part items) from the done tiles, with the class map's confidence COG, polygons and report, or
+    the embedding field. An ``s3://`` product is made in a local temporary directory (GDAL's COG driver writes a
+    seekable file) and uploaded file by file, the item's relative hrefs intact; the tiles are read where they
+    are. ``run``: the run's figures for the report and the item (:func:`run_cost`)."""
     if isinstance(plan.out, Path):
-        return _make_product_at(plan, plan.out, done, failed, say)
+        return _make_product_at(plan, plan.out, done, failed, say, run)
     import tempfile
 
     url = _product_location(plan.out)
     with tempfile.TemporaryDirectory(prefix="skysense-product-") as tmp:
         local = Path(tmp) / plan.out.name
-        made = _make_product_at(plan, local, done, failed, say)
+        made = _make_product_at(plan, local, done, failed, say, run)
         files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
         say(f"[infer] uploading the product ({len(files)} files) to {url(plan.out.parent)}")
         for f in files:
@@ -1352,38 +1479,17 @@ def _make_product(plan: InferencePlan, done: list[str], failed: Mapping[str, str
     return tuple(url(plan.out.parent / Path(p).relative_to(tmp).as_posix()) for p in made)
 
 
-def _make_product_at(plan: InferencePlan, out: Path, done: list[str], failed: Mapping[str, str],
-                     say) -> tuple[Path, Path, Path]:
-    """:func:`_make_product` written at the local path ``out``."""
-    from pipeline.mosaic import mosaic_parts, mosaic_tiles, product_blocksize, quicklook_png
-    from pipeline.product_item import product_item, write_item, write_parts_collection
+def _provenance(plan: InferencePlan, done: list[str], failed: Mapping[str, str],
+                run: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The product's provenance (``skysense:*`` properties, ``processing:*`` where the extension has the field)."""
+    import platform
+    from importlib.metadata import version
+
+    import torch
 
     cfg, spec = plan.config, plan.spec
-    tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256,
-            "window": str(spec.window), "overlap": str(spec.overlap)}
-    classes = spec.task != "embeddings"
-    grid = zarr_cube.cube_config(zarr_cube.open_cube(plan.fingerprint["cube"])).grid
-    common = dict(dst_crs=plan.dst_crs, nodata=plan.nodata,
-                  resampling="nearest" if classes else "bilinear",
-                  overview_resampling="mode" if classes else "average",
-                  colormap=(plan.colormap or None) if classes else None,
-                  class_names=(plan.class_names or None) if classes else None,
-                  band_names=plan.band_names, tags=tags, overwrite=True, progress=say)
-    tiles = [tile_path(plan.tile_dir, t) for t in sorted(done)]
-    in_parts = product_side_px(sorted(done), grid, plan.dst_crs) > cfg.part_px
-    if in_parts:
-        n_side = math.ceil(cfg.part_px / spec.core[1])
-        cog, parts = mosaic_parts(tiles, out.with_suffix(".vrt"), cfg.part_px, map_fn=_ray_map(0.5),
-                                  blocksize=product_blocksize(spec.core[1], n_side * n_side), **common)
-        for stale in (out, out.with_suffix(".json")):  # a single-COG product of an earlier run
-            stale.unlink(missing_ok=True)
-    else:
-        cog = mosaic_tiles(tiles, out, blocksize=product_blocksize(spec.core[1], len(done)), **common)
-    png = quicklook_png(cog, out.with_suffix(".png"))
     search = plan.search
-    start = datetime.fromisoformat(search["start"]) if search.get("start") else None
-    end = datetime.fromisoformat(search["end"]) if search.get("end") else None
-    provenance = {
+    prov = {
         "task": cfg.task, "model_preset": plan.preset, "checkpoint": spec.encoder,
         "checkpoint_sha256": plan.encoder_sha256, "head": spec.head,
         "head_sha256": plan.fingerprint["head_sha256"], "window": spec.window, "overlap": spec.overlap,
@@ -1391,24 +1497,299 @@ def _make_product_at(plan: InferencePlan, out: Path, done: list[str], failed: Ma
         "input_items": _input_items(plan.fingerprint["cube"], done), "tiles_done": len(done),
         "tiles_failed": sorted(failed), "lineage": f"SkySense {cfg.task} inference over the cube tiles (pipeline."
                                                    f"inference), mosaicked with pipeline.mosaic",
+        "level": "L4", "facility": platform.node() or "unknown",
+        "software": {"skysense": version("skysense"), "torch": torch.__version__, "ray": _ray_version()},
+        "datetime": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+    if spec.classes and spec.task == "landcover":
+        prov["confidence_temperature"] = spec.temperature
     if spec.support is not None:
-        provenance["support_windows"] = [list(o) for o in spec.support.origins]
+        prov["support_windows"] = [list(o) for o in spec.support.origins]
+    for k in ("cpu_seconds", "gpu_seconds", "km2_per_hour", "area_km2"):
+        if run and run.get(k) is not None:
+            prov[k] = run[k]
+    return prov
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+def run_cost(plan: InferencePlan, tile_seconds: Sequence[float], pipeline_s: float, cpus_per_actor: float,
+             gpu: bool) -> dict[str, Any]:
+    """The cost of a run's predictions: ``cpu_seconds`` = sum over tiles of the actor's seconds on it x the CPUs
+    the actor holds (what the cluster was charged, not what the cores did), ``gpu_seconds`` the same x its GPU,
+    ``area_km2`` of the tiles predicted, ``km2_per_hour`` = that area / the pipeline's wall time (actor start-up
+    and model loading included)."""
+    busy = float(sum(tile_seconds))
+    tile_km = (plan.spec.core[1] * 10 / 1000) ** 2  # the 10 m grid's tile core
+    area = len(tile_seconds) * tile_km
+    return {"cpu_seconds": round(busy * cpus_per_actor, 1), "gpu_seconds": round(busy, 1) if gpu else 0.0,
+            "area_km2": round(area, 6),
+            "km2_per_hour": round(area / (pipeline_s / 3600), 2) if pipeline_s > 0 and area else None}
+
+
+def _make_product_at(plan: InferencePlan, out: Path, done: list[str], failed: Mapping[str, str],
+                     say, run: Mapping[str, Any] | None = None) -> tuple[Path, Path, Path]:
+    """:func:`_make_product` written at the local path ``out``."""
+    if plan.spec.embedding_dims:
+        return _make_field_product(plan, out, done, failed, say, run)
+    from pipeline.calibration import CONFIDENCE_NODATA
+    from pipeline.mosaic import mosaic_parts, mosaic_tiles, product_blocksize, quicklook_png
+    from pipeline.product_item import product_item, write_item, write_parts_collection
+
+    cfg, spec = plan.config, plan.spec
+    tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256,
+            "window": str(spec.window), "overlap": str(spec.overlap)}
+    classes = spec.classes
+    grid = zarr_cube.cube_config(zarr_cube.open_cube(plan.fingerprint["cube"])).grid
+    common = dict(dst_crs=plan.dst_crs, nodata=plan.nodata,
+                  resampling="nearest" if classes else "bilinear",
+                  overview_resampling="mode" if classes else "average",
+                  colormap=(plan.colormap or None) if classes else None,
+                  class_names=(plan.class_names or None) if classes else None,
+                  band_names=plan.band_names, tags=tags, overwrite=True, progress=say)
+    confidence = dict(common, nodata=CONFIDENCE_NODATA, resampling="nearest", overview_resampling="average",
+                      colormap=None, class_names=None, band_names=["confidence_percent"],
+                      tags={**tags, "temperature": f"{spec.temperature:.6g}"})
+    tiles = [tile_path(plan.tile_dir, t) for t in sorted(done)]
+    conf_tiles = [tile_path(plan.tile_dir, t, CONFIDENCE_FILE) for t in sorted(done)]
+    in_parts = product_side_px(sorted(done), grid, plan.dst_crs) > cfg.part_px
+    conf_out = out.with_name(f"{out.stem}.confidence.tif")
     if in_parts:
-        items = [product_item(p, item_id=f"{out.stem}-{p.stem}", start=start, end=end,
-                              class_names=(plan.class_names or None) if classes else None,
-                              colormap=(plan.colormap or None) if classes else None, provenance=provenance)
-                 for p in parts]
+        n_side = math.ceil(cfg.part_px / spec.core[1])
+        blocks = product_blocksize(spec.core[1], n_side * n_side)
+        cog, parts = mosaic_parts(tiles, out.with_suffix(".vrt"), cfg.part_px, map_fn=_ray_map(0.5),
+                                  blocksize=blocks, **common)
+        conf_parts = []
+        if classes:
+            conf_cog, conf_parts = mosaic_parts(conf_tiles, conf_out.with_suffix(".vrt"), cfg.part_px,
+                                                map_fn=_ray_map(0.5), blocksize=blocks, **confidence)
+        for stale in (out, out.with_suffix(".json")):  # a single-COG product of an earlier run
+            stale.unlink(missing_ok=True)
+    else:
+        cog = mosaic_tiles(tiles, out, blocksize=product_blocksize(spec.core[1], len(done)), **common)
+        if classes:
+            conf_cog = mosaic_tiles(conf_tiles, conf_out, blocksize=product_blocksize(spec.core[1], len(done)),
+                                    **confidence)
+    png = quicklook_png(cog, out.with_suffix(".png"))
+    search = plan.search
+    start = datetime.fromisoformat(search["start"]) if search.get("start") else None
+    end = datetime.fromisoformat(search["end"]) if search.get("end") else None
+    provenance = _provenance(plan, done, failed, run)
+    item_kw = dict(start=start, end=end, class_names=(plan.class_names or None) if classes else None,
+                   colormap=(plan.colormap or None) if classes else None, provenance=provenance)
+    extras = ProductExtras()
+    if in_parts:
+        items = []
+        for i, p in enumerate(parts):
+            item = product_item(p, item_id=f"{out.stem}-{p.stem}", **item_kw)
+            if classes:
+                extras.add_class_assets(item, plan, p, conf_parts[i], say)
+            items.append(item)
         item_path = write_parts_collection(
             items, cog, out.with_suffix(".json"), collection_id=out.stem, quicklook=png,
             description=f"SkySense {cfg.task} product in {len(parts)} COG part(s) of at most {cfg.part_px} px, "
                         f"joined by {cog.name}")
-        return cog, png, item_path
-    item = product_item(cog, item_id=out.stem, start=start, end=end,
-                        class_names=(plan.class_names or None) if classes else None,
-                        colormap=(plan.colormap or None) if classes else None, provenance=provenance, quicklook=png)
-    item_path = write_item(item, out.with_suffix(".json"))
+    else:
+        item = product_item(cog, item_id=out.stem, quicklook=png, **item_kw)
+        if classes:
+            extras.add_class_assets(item, plan, cog, conf_cog, say)
+        item_path = out.with_suffix(".json")
+        if cfg.report:
+            extras.add_report(item, plan, out, png, item, run, say)
+        item_path = write_item(item, item_path)
     return cog, png, item_path
+
+
+class ProductExtras:
+    """What a product gets beside its COG: the class map's confidence COG, its polygons (GeoParquet) and the run's
+    report, each an asset of the product's STAC item. Keeps the class areas and vector counts it measured."""
+
+    def __init__(self) -> None:
+        self.areas_km2: dict[str, float] = {}
+        self.vectors: list[Path] = []
+
+    def add_class_assets(self, item, plan: InferencePlan, cog: Path, conf_cog: Path, say) -> None:
+        import pystac
+
+        from pipeline.calibration import CONFIDENCE_NODATA
+        from pipeline.product_item import add_raster_asset
+
+        add_raster_asset(item, "confidence", conf_cog, roles=["data", "confidence"],
+                         title=f"confidence of the class map: percent of the top class "
+                               f"(softmax at temperature {plan.spec.temperature:.3g})",
+                         nodata=CONFIDENCE_NODATA, unit="percent")
+        for name, km2 in class_areas_km2(cog, plan.class_names).items():
+            self.areas_km2[name] = self.areas_km2.get(name, 0.0) + km2
+        if plan.config.vectors:
+            from pipeline.vectors import polygonise
+
+            vec = polygonise(cog, cog.with_suffix(".parquet"), class_names=plan.class_names or None,
+                             min_mapping_unit_m2=plan.config.min_mapping_unit_m2)
+            say(f"[infer] polygons: {vec.features} features in {Path(vec.path).name} (minimum mapping unit "
+                f"{plan.config.min_mapping_unit_m2:g} m², {vec.sieved_pixels} px merged), {vec.seconds:.1f} s")
+            item.add_asset("vectors", pystac.Asset(
+                str(Path(vec.path).resolve()), media_type="application/vnd.apache.parquet", roles=["data", "vector"],
+                title=f"class polygons (GeoParquet; minimum mapping unit {plan.config.min_mapping_unit_m2:g} m²)"))
+            self.vectors.append(Path(vec.path))
+
+    def add_report(self, item, plan: InferencePlan, out: Path, png: Path, product_item, run, say) -> Path:
+        import pystac
+
+        from pipeline.report import RunReport, write_report
+
+        rep = RunReport(
+            title=f"SkySense {plan.config.task}: {out.stem}", quicklook=png,
+            legend=[(plan.class_names.get(k, str(k)), tuple(plan.colormap[k])) for k in sorted(plan.colormap)]
+            if plan.spec.classes else [],
+            class_areas_km2=dict(self.areas_km2),
+            provenance=report_provenance(product_item.properties),
+            timings_s=dict((run or {}).get("seconds", {})),
+            cost={k: (run or {}).get(k) for k in ("cpu_seconds", "gpu_seconds", "area_km2", "km2_per_hour")},
+            bounds_lonlat=tuple(product_item.bbox) if product_item.bbox else None,
+            notes=[f"{n} tile(s) failed and are nodata" for n in [len(product_item.properties.get(
+                "skysense:tiles_failed", []))] if n],
+        )
+        path = write_report(rep, out.parent, name=f"{out.stem}.report.html")
+        save_report_json(rep, out.with_name(f"{out.stem}.report.json"))
+        item.add_asset("report", pystac.Asset(str(path.resolve()), media_type=pystac.MediaType.HTML,
+                                              roles=["overview", "metadata"], title="run report"))
+        say(f"[infer] report {path.name}")
+        return path
+
+
+def report_provenance(props: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's provenance from a product item's properties: model, checkpoint, dates, input items."""
+    keep = ("task", "model_preset", "checkpoint", "checkpoint_sha256", "head", "head_sha256", "dates",
+            "input_items", "tiles_done", "cube", "window", "overlap", "confidence_temperature")
+    out = {k: props[f"skysense:{k}"] for k in keep if props.get(f"skysense:{k}") is not None}
+    for k in ("processing:software", "processing:datetime", "processing:facility"):
+        if k in props:
+            out[k.split(":")[1]] = props[k]
+    return out
+
+
+def save_report_json(rep, path: Path) -> Path:
+    """The report's content as JSON beside its HTML, so a later step (the demo's scoring) re-renders it with
+    more in it (:func:`update_report`)."""
+    doc = dataclasses.asdict(rep)
+    doc["quicklook"] = str(rep.quicklook)
+    with storage.local_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=2, default=str))
+    return path
+
+
+def update_report(report_html: str | Path, **changes) -> Path:
+    """Re-render ``<stem>.report.html`` from its ``.report.json`` with ``changes`` (``metrics``,
+    ``baseline_name``, ``truth_name``, ``notes``, ...): how the demo adds the scores against truth and the
+    baseline that inference cannot know."""
+    from pipeline.report import RunReport, write_report
+
+    html = Path(report_html)
+    meta = html.with_suffix(".json")
+    doc = {**json.loads(meta.read_text()), **changes}
+    doc["legend"] = [(n, tuple(c)) for n, c in doc.get("legend", [])]
+    if doc.get("bounds_lonlat"):
+        doc["bounds_lonlat"] = tuple(doc["bounds_lonlat"])
+    rep = RunReport(**doc)
+    save_report_json(rep, meta)
+    return write_report(rep, html.parent, name=html.name)
+
+
+def class_areas_km2(cog: str | Path, class_names: Mapping[int, str]) -> dict[str, float]:
+    """km² per class of a class-map COG, read block by block: pixel count x pixel area (projected metric CRS:
+    the pixel's square; geographic: each row's pixel area on the WGS84 sphere of mean radius, an approximation
+    within ~0.5 %)."""
+    import rasterio
+
+    counts: dict[int, float] = {}
+    with rasterio.open(cog) as src:
+        t = src.transform
+        metric = src.crs.is_projected and src.crs.linear_units in ("metre", "meter")
+        for _, win in src.block_windows(1):
+            data = src.read(1, window=win)
+            if metric:
+                w = np.full(data.shape[0], abs(t.a * t.e))
+            else:
+                lat = t.f + t.e * (win.row_off + np.arange(data.shape[0]) + 0.5)
+                r = 6371008.8
+                w = (np.radians(abs(t.a)) * r * np.cos(np.radians(lat))) * (np.radians(abs(t.e)) * r)
+            for v in np.unique(data):
+                if src.nodata is not None and v == src.nodata:
+                    continue
+                counts[int(v)] = counts.get(int(v), 0.0) + float(((data == v) * w[:, None]).sum())
+    return {class_names.get(v, str(v)): round(a / 1e6, 6) for v, a in sorted(counts.items())}
+
+
+def _make_field_product(plan: InferencePlan, out: Path, done: list[str], failed: Mapping[str, str], say,
+                        run: Mapping[str, Any] | None) -> tuple[Path, Path, Path]:
+    """The embedding field ``<stem>.zarr`` (``pipeline.embedding_field``), an int8 COG too when asked, a
+    quicklook (the first three components as RGB of the COG, or of a small COG made for it), the STAC item and
+    the report."""
+    import pystac
+
+    from pipeline.embedding_field import EMBEDDING_NODATA, EMBEDDING_SCALE, FIELD_FORMAT, projection, write_field
+    from pipeline.mosaic import mosaic_tiles, product_blocksize, quicklook_png
+    from pipeline.product_item import product_item, write_item
+
+    cfg, spec = plan.config, plan.spec
+    field_path = out.with_suffix(".zarr")
+    tiles = [tile_path(plan.tile_dir, t) for t in sorted(done)]
+    provenance = _provenance(plan, done, failed, run)
+    feature_dim = _feature_dim(plan)
+    proj = projection(feature_dim, spec.embedding_dims)
+    t0 = time.perf_counter()
+    write_field(tiles, field_path, provenance={k: v for k, v in provenance.items() if k != "input_items"},
+                proj=proj, overwrite=True)
+    say(f"[infer] embedding field {field_path.name}: {len(tiles)} chunks of {spec.embedding_dims} x int8, "
+        f"{time.perf_counter() - t0:.1f} s")
+    cog = plan.cog
+    tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256,
+            "scale": f"{EMBEDDING_SCALE!r}", "offset": "0", "field_format": FIELD_FORMAT}
+    made_cog = cog is not None
+    target = cog if made_cog else out.with_name(f".{out.stem}.quicklook-{os.getpid()}.tif")
+    try:
+        mosaic_tiles(tiles, target, dst_crs=plan.dst_crs, nodata=EMBEDDING_NODATA, resampling="nearest",
+                     overview_resampling="nearest", band_names=plan.band_names, tags=tags, overwrite=True,
+                     blocksize=product_blocksize(spec.core[1], len(done)), progress=say)
+        png = quicklook_png(target, out.with_suffix(".png"))
+        start = datetime.fromisoformat(plan.search["start"]) if plan.search.get("start") else None
+        end = datetime.fromisoformat(plan.search["end"]) if plan.search.get("end") else None
+        item = product_item(target, item_id=out.stem, start=start, end=end, provenance=provenance, quicklook=png)
+        data = item.assets.pop("data")
+        if made_cog:  # the COG: scale/offset per band say how to dequantise
+            from pystac.extensions.raster import RasterExtension
+
+            for b in RasterExtension.ext(data).bands or []:
+                b.scale, b.offset = EMBEDDING_SCALE, 0.0
+            data.title = f"embedding vectors, int8 COG ({spec.embedding_dims} bands; value x {EMBEDDING_SCALE:.6g})"
+            item.add_asset("cog", data)
+    finally:
+        if not made_cog:
+            target.unlink(missing_ok=True)
+    item.add_asset("data", pystac.Asset(
+        str(field_path.resolve()), media_type="application/vnd+zarr", roles=["data", "embeddings"],
+        title=f"embedding field: {spec.embedding_dims}-d unit vectors, int8, one Zarr v3 chunk per tile",
+        extra_fields={"raster:bands": [{"data_type": "int8", "nodata": EMBEDDING_NODATA, "scale": EMBEDDING_SCALE,
+                                        "offset": 0.0, "spatial_resolution": 10.0}] * spec.embedding_dims,
+                      "skysense:field_format": FIELD_FORMAT,
+                      "skysense:projection": "identity (F_fus kept)" if proj is None else
+                      f"fixed random orthonormal {spec.embedding_dims} x {feature_dim} (array 'projection')"}))
+    item_path = out.with_suffix(".json")
+    if cfg.report:
+        ProductExtras().add_report(item, plan, out, png, item, run, say)
+    item_path = write_item(item, item_path)
+    return field_path, png, item_path
+
+
+def _feature_dim(plan: InferencePlan) -> int:
+    from skysense_core.pixel_features import feature_dim
+
+    mcfg, _ = encoder_config(plan.spec.encoder)
+    return feature_dim(plan.spec.features, mcfg, plan.spec.modalities)
 
 
 def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None = print) -> InferenceResult:
@@ -1435,12 +1816,14 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
         f"{plan.tile_dir}")
 
     processed: list[str] = []
+    per_actor_cpus = 0.0
     stopped = False
     t_pipe = 0.0
     t_first: float | None = None
     if todo and not (cfg.max_tiles is not None and cfg.max_tiles <= 0):
         init_ray(cfg.ray_address)
         n_actors, per, threads = actor_resources(cfg)
+        per_actor_cpus = per
         spec = dataclasses.replace(spec, threads=threads)
         ctx = ray.data.DataContext.get_current()
         saved = ctx.max_errored_blocks
@@ -1461,7 +1844,8 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
                 tags = {"task": cfg.task, "model_preset": plan.preset, "checkpoint_sha256": plan.encoder_sha256}
                 sink = {"tile_dir": str(plan.tile_dir), "cube": plan.fingerprint["cube"], "nodata": plan.nodata,
-                        "colormap": plan.colormap or None, "band_names": plan.band_names, "tags": tags}
+                        "colormap": plan.colormap or None, "band_names": plan.band_names, "tags": tags,
+                        "confidence": spec.classes}
                 ds = ds.map_batches(
                     TilePredictor, batch_size=tiles_per_call(cfg),
                     fn_constructor_kwargs={"spec": spec, "sink": sink,
@@ -1524,7 +1908,11 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
     t_mosaic = 0.0
     if not stopped and done and cfg.make_product and (complete or cfg.allow_partial):
         t0 = time.perf_counter()
-        result.out, result.quicklook, result.item = _make_product(plan, done, failed, say)
+        predicted_now = [t for t in processed if t in done_now]
+        run_fig = run_cost(plan, [float(manifest.tiles[t].get("seconds") or 0) for t in predicted_now], t_pipe,
+                           per_actor_cpus, cfg.gpu)
+        run_fig["seconds"] = {"plan": round(t_plan, 2), "predict (Ray pipeline)": round(t_pipe, 2)}
+        result.out, result.quicklook, result.item = _make_product(plan, done, failed, say, run_fig)
         t_mosaic = time.perf_counter() - t0
         say(f"[infer] product {result.out} ({len(done)} tiles{f', {len(failed)} failed' if failed else ''}), "
             f"quicklook {PurePosixPath(str(result.quicklook)).name}, STAC item {PurePosixPath(str(result.item)).name}")

@@ -273,6 +273,35 @@ def check_ray_address(addr: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None
     except OSError as e:
         raise RayUnreachable(f"the Ray cluster at {addr!r} does not answer ({e}) within {timeout:g} s: check "
                              "--ray-address or RAY_ADDRESS") from None
+    _check_speaks_grpc(addr, f"{parts.hostname}:{parts.port}", timeout)
+
+
+def _check_speaks_grpc(addr: str, hostport: str, timeout: float) -> None:
+    """Something that accepts TCP but is not a Ray cluster (a web server, a proxy, a wrong port) makes
+    ``ray.init`` retry for a minute before it fails: one gRPC call to the GCS (ray://: the Ray Client server),
+    with a deadline, tells in milliseconds. Any gRPC answer, even an error status (unauthenticated, not
+    implemented), is a gRPC server and passes; a transport failure (not HTTP/2) or silence does not. Skipped
+    with TLS (``RAY_USE_TLS``), which this plain channel cannot speak."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    try:
+        import grpc
+    except ImportError:  # ray[default] brings grpcio; without it ray.init decides
+        return
+    channel = grpc.insecure_channel(hostport)
+    try:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
+                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        call(b"", timeout=timeout)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise RayUnreachable(f"{addr!r} accepts connections but does not answer as a Ray cluster within "
+                                 f"{timeout:g} s: check --ray-address or RAY_ADDRESS") from None
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            raise RayUnreachable(f"{addr!r} answers but is not a Ray cluster (it does not speak gRPC: a web "
+                                 "server, a proxy, another service?): check --ray-address or RAY_ADDRESS") from None
+    finally:
+        channel.close()
 
 
 def init_ray(address: str | None, log_to_driver: bool = True) -> None:

@@ -37,7 +37,7 @@ from pystac.extensions.classification import Classification, ClassificationExten
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, NoDataStrings, RasterBand, RasterExtension
 
-__all__ = ["PROCESSING_SCHEMA", "product_item", "write_item"]
+__all__ = ["PROCESSING_SCHEMA", "add_raster_asset", "product_item", "write_item"]
 
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 # Provenance keys that are processing-extension fields (``processing:<key>``); every provenance key is also
@@ -228,6 +228,24 @@ def product_item(
     if properties:
         item.properties.update(_jsonable(dict(properties)))
     return item
+
+
+def add_raster_asset(item: pystac.Item, key: str, cog: str | Path, *, roles: Sequence[str], title: str,
+                     nodata: float | None = None, unit: str | None = None) -> pystac.Asset:
+    """Add a second raster of the product (a confidence band, a baseline) as the asset ``key`` of ``item``, with
+    the raster extension's band description read from the file (data type, nodata, resolution, ``unit``)."""
+    cog = Path(cog)
+    with rasterio.open(cog) as src:
+        dtypes, nd, res = src.dtypes, src.nodata if nodata is None else nodata, abs(src.transform.a)
+    asset = pystac.Asset(href=str(cog.resolve()), media_type=pystac.MediaType.COG, roles=list(roles), title=title)
+    item.add_asset(key, asset)
+    bands = []
+    for dt in dtypes:
+        band = RasterBand.create(nodata=None if nd is None else (int(nd) if float(nd).is_integer() else nd),
+                                 data_type=DataType(dt), spatial_resolution=res, unit=unit)
+        bands.append(band)
+    RasterExtension.ext(asset).bands = bands
+    return asset
 
 
 def write_item(item: pystac.Item, path: str | Path) -> Path:

@@ -15,6 +15,11 @@ The state directory holds everything, one directory per product::
         <product>.tif, .png            the product COG (uint8, nodata 255, colour table, class names) + quicklook
         <product>.json                 its STAC item (classification + processing extensions, provenance)
         otsu.tif                       flood with a model: the Otsu baseline product beside it
+        confidence.tif                 with a model: uint8 percent of the top class (pipeline.calibration)
+        <product>.parquet              the product's polygons, GeoParquet (flood: the water classes only;
+                                       crop: every class; pipeline.vectors), minimum mapping unit from the config
+        confidence_tiles/<tile_id>.tif the confidence tile cores (with a model), linked like the tiles
+        report.html                    quicklook with legend, class areas, provenance (pipeline.report)
         tiles/<tile_id>.tif            the tile cores it was mosaicked from (hard links to earlier versions'
                                        files for the tiles nothing new touched)
         version.json                   the version's record: inputs, model, counts, the digest of its inputs;
@@ -62,7 +67,7 @@ import shapely.geometry
 
 from pipeline import storage, zarr_cube
 from pipeline.cube import CubeConfig
-from pipeline.flood import NODATA, flood_legend, otsu_flood
+from pipeline.flood import FLOOD_PERMANENT, FLOOD_WATER, NODATA, flood_legend, otsu_flood
 from pipeline.grid import TileGrid, parse_aoi, parse_tile_id, tiles_for_aoi
 from pipeline.jsonfiles import CorruptRecordError, read_json
 from pipeline.locks import Busy, RunLock
@@ -132,6 +137,7 @@ class RefreshConfig:
     allow_hrefs: tuple[str, ...] = ()  # [--allow-href] directories / URL prefixes the catalog may point to
     keep_work: bool = False
     ray_address: str | None = None
+    min_mapping_unit_m2: float = 0.0  # [--min-mapping-unit] of the product's polygons
 
 
 @dataclass
@@ -380,7 +386,7 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
 
         own = prod_dir / "refresh-cube"  # a stand-in for the run's cube: entries without "cube" name it
         ids = {t.id for t in tiles}
-        outside = [e.tile for e in parse_support(cfg.support, own) if Path(e.cube) == own.resolve()
+        outside = [e.tile for e in parse_support(cfg.support, own, cfg.allow_hrefs) if Path(e.cube) == own.resolve()
                    and e.tile not in ids]
         if outside:
             raise ValueError(f"--support tile(s) {', '.join(outside)} lie outside the --aoi {cfg.aoi} (its tiles: "
@@ -445,7 +451,8 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
     if cfg.support:
         from pipeline.inference import parse_support
 
-        support_tiles = {e.tile for e in parse_support(cfg.support, cube) if Path(e.cube) == cube.resolve()}
+        support_tiles = {e.tile for e in parse_support(cfg.support, cube, cfg.allow_hrefs)
+                         if Path(e.cube) == cube.resolve()}
     need = set(affected) | support_tiles
     init_ray(cfg.ray_address)
     say(f"[refresh] ingesting {len(need)} tile(s) into {cube}")
@@ -454,6 +461,7 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
                         tile_filter=lambda t: t.id in need, progress=say)
     ingested = [t for t in affected if zarr_cube.is_done(cube, t)]
     new_files: dict[str, Path] = {}
+    conf_files: dict[str, Path] = {}  # the model's confidence tiles (the Otsu baseline has none)
     baseline_files: dict[str, Path] = {}
     failed: dict[str, str] = {t: f"ingest: {report.failed.get(t, 'not written')}" for t in affected
                               if t not in ingested}
@@ -481,19 +489,21 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
         if cfg.checkpoint is None:
             new_files = dict(baseline_files)
     if cfg.checkpoint is not None:
-        from pipeline.inference import InferenceConfig, run_inference, tile_path
+        from pipeline.inference import CONFIDENCE_FILE, InferenceConfig, run_inference, tile_path
 
         todo = [t for t in ingested if t not in failed]
         if todo:
             res = run_inference(InferenceConfig(
                 cube=str(cube), checkpoint=cfg.checkpoint, task=mdesc["task"], out=str(work / "model.tif"),
-                support=cfg.support, window=cfg.window, overlap=cfg.overlap, batch_size=cfg.batch_size, gpu=cfg.gpu,
+                support=cfg.support, allow_hrefs=cfg.allow_hrefs, window=cfg.window, overlap=cfg.overlap,
+                batch_size=cfg.batch_size, gpu=cfg.gpu,
                 work_dir=str(work), name="model", ray_address=cfg.ray_address, num_actors=cfg.num_actors,
                 tiles=todo, make_product=False, overwrite=True,
             ), progress=say)
             for t in todo:
                 if t in res.done:
                     new_files[t] = tile_path(work / "model", t)
+                    conf_files[t] = tile_path(work / "model", t, CONFIDENCE_FILE)
                 else:
                     failed[t] = f"model: {res.failed.get(t, 'not predicted')}"
 
@@ -504,12 +514,17 @@ def _refresh_locked(cfg: RefreshConfig, prod_dir: Path, as_of: date, aoi, mversi
         rec: dict[str, Any] = {"seen": seen[t]}
         if t in new_files:
             _link_or_copy(new_files[t], stage / "tiles" / f"{t}.tif")
+            if t in conf_files and Path(conf_files[t]).exists():
+                _link_or_copy(conf_files[t], stage / "confidence_tiles" / f"{t}.tif")
             if t in baseline_files and cfg.checkpoint is not None:
                 _link_or_copy(baseline_files[t], stage / "otsu_tiles" / f"{t}.tif")
             rec.update(status="done", made_by=rel, **tile_records.get(t, {}))
         elif prev and prev["tiles"].get(t, {}).get("status") == "done" and same_setup:
             src = prod_dir / prev["version"] / "tiles" / f"{t}.tif"
             _link_or_copy(src, stage / "tiles" / f"{t}.tif")
+            if (prod_dir / prev["version"] / "confidence_tiles" / f"{t}.tif").exists():
+                _link_or_copy(prod_dir / prev["version"] / "confidence_tiles" / f"{t}.tif",
+                              stage / "confidence_tiles" / f"{t}.tif")
             if (prod_dir / prev["version"] / "otsu_tiles" / f"{t}.tif").exists():
                 _link_or_copy(prod_dir / prev["version"] / "otsu_tiles" / f"{t}.tif", stage / "otsu_tiles" / f"{t}.tif")
             prev_rec = prev["tiles"][t]
@@ -571,6 +586,14 @@ def _make_version(cfg: RefreshConfig, prod_dir: Path, stage: Path, rel: str, as_
                        class_names=names or None, tags=tags, overwrite=True, progress=say)
     png = quicklook_png(cog, stage / f"{cfg.product}.png")
     extra_cogs = {}
+    conf_tiles = [stage / "confidence_tiles" / f"{t}.tif" for t in done_tiles]
+    if conf_tiles and all(p.exists() for p in conf_tiles):  # a model made (or earlier made) every tile
+        from pipeline.calibration import CONFIDENCE_NODATA
+
+        extra_cogs["confidence"] = mosaic_tiles(
+            conf_tiles, stage / "confidence.tif", dst_crs=crs, nodata=CONFIDENCE_NODATA, blocksize=blocksize,
+            overview_resampling="average", band_names=["confidence_percent"], tags=tags, overwrite=True,
+            progress=say)
     otsu_tiles = sorted((stage / "otsu_tiles").glob("*.tif")) if (stage / "otsu_tiles").exists() else []
     if otsu_tiles:
         fnames, fcolors = flood_legend()
@@ -598,12 +621,48 @@ def _make_version(cfg: RefreshConfig, prod_dir: Path, stage: Path, rel: str, as_
                         properties={"version": rel})
     import pystac
 
-    for key, path in extra_cogs.items():
-        item.add_asset(key, pystac.Asset(str(Path(path).resolve()), media_type=pystac.MediaType.COG,
-                                         roles=["data", "baseline"], title="Otsu VV-threshold baseline"))
+    from pipeline.product_item import add_raster_asset
+    from pipeline.vectors import polygonise
+
+    if "otsu" in extra_cogs:
+        item.add_asset("otsu", pystac.Asset(str(Path(extra_cogs["otsu"]).resolve()), media_type=pystac.MediaType.COG,
+                                            roles=["data", "baseline"], title="Otsu VV-threshold baseline"))
+    if "confidence" in extra_cogs:
+        add_raster_asset(item, "confidence", extra_cogs["confidence"], roles=["data", "confidence"],
+                         title="confidence of the class map: percent of the top class", unit="percent")
+    keep = [FLOOD_WATER, FLOOD_PERMANENT] if cfg.product == "flood" else None
+    vec = polygonise(cog, stage / f"{cfg.product}.parquet", class_names=names or None, classes=keep,
+                     min_mapping_unit_m2=cfg.min_mapping_unit_m2)
+    say(f"[refresh] polygons: {vec.features} features ({'water classes' if keep else 'every class'}, minimum "
+        f"mapping unit {cfg.min_mapping_unit_m2:g} m²) in {vec.path.name}")
+    item.add_asset("vectors", pystac.Asset(
+        str(vec.path.resolve()), media_type="application/vnd.apache.parquet", roles=["data", "vector"],
+        title=f"{'water extent' if keep else 'class'} polygons (GeoParquet; minimum mapping unit "
+              f"{cfg.min_mapping_unit_m2:g} m²)"))
     item.add_asset("tiles", pystac.Asset(str((stage / TILES_TABLE).resolve()), media_type=TABLE_MEDIA_TYPE,
                                          roles=["metadata"], title="Per-tile state: seen items, status, version"))
+    report = _version_report(cfg, stage, cog, png, names, colors, item, provenance, vec)
+    item.add_asset("report", pystac.Asset(str(report.resolve()), media_type=pystac.MediaType.HTML,
+                                          roles=["overview", "metadata"], title="version report"))
     return write_item(item, stage / f"{cfg.product}.json")
+
+
+def _version_report(cfg: RefreshConfig, stage: Path, cog: Path, png: Path, names: dict, colors: dict, item,
+                    provenance: dict, vec) -> Path:
+    """``report.html`` of a version (``pipeline.report``): quicklook and legend, class areas, what made it."""
+    from pipeline.inference import class_areas_km2
+    from pipeline.report import RunReport, write_report
+
+    prov = {k: provenance[k] for k in ("product", "as_of", "model_version", "method", "previous_version",
+                                       "tiles_done", "tiles_refreshed", "tiles_failed", "dates", "input_items")
+            if k in provenance}
+    rep = RunReport(
+        title=f"SkySense {cfg.product} refresh as of {provenance['as_of']} ({provenance['model_version']})",
+        quicklook=png, legend=[(names.get(k, str(k)), tuple(colors[k])) for k in sorted(colors)],
+        class_areas_km2=class_areas_km2(cog, names), provenance=prov,
+        bounds_lonlat=tuple(item.bbox) if item.bbox else None,
+        notes=[f"polygons: {vec.features} in {vec.path.name}"])
+    return write_report(rep, stage, name="report.html")
 
 
 def _legend(cfg: RefreshConfig, mdesc: dict, cube: Path) -> tuple[dict[int, str], dict[int, tuple]]:
@@ -620,7 +679,7 @@ def _legend(cfg: RefreshConfig, mdesc: dict, cube: Path) -> tuple[dict[int, str]
     from pipeline.finetune import label_legend
     from pipeline.inference import parse_support
 
-    return label_legend(parse_support(cfg.support, cube)[0].labels)
+    return label_legend(parse_support(cfg.support, cube, cfg.allow_hrefs)[0].labels)
 
 
 def _bookkeeping(cfg: RefreshConfig, prod_dir: Path, say) -> dict[str, str]:

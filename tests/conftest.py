@@ -11,7 +11,7 @@ import pytest
 from pipeline.demo import DemoConfig, generate
 from pipeline.ingest import LOCAL_RAY_SYSTEM_CONFIG
 
-pytest_plugins = ["tests.pgstac_fixture", "tests.s3_server"]
+pytest_plugins = ["tests.pgstac_fixture", "tests.s3_server", "tests.browser"]
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("SKYSENSE_REAL_DATA", REPO.parent / "shared" / "data" / "real"))

@@ -40,7 +40,7 @@ def _main(job: str):
 class Case:
     job: str
     what: str  # the row's description
-    args: list[str]  # {tmp}, {region}, {url} are filled in
+    args: list[str]  # {tmp}, {region}, {url}, {hostport} are filled in
     code: int
     message: str  # a regular expression the stderr must match
 
@@ -65,6 +65,9 @@ CASES = [
     Case("ingest", "another ingest writes the same cube", ["--out", "{tmp}/locked.zarr"], 3,
          "another ingest into this cube holds"),
     Case("ingest", "--t-s2 -1", ["--t-s2", "-1"], 2, "--t-s2 must be at least 0"),
+    Case("ingest", "--ray-address is a web server, not Ray", ["--ray-address", "{hostport}", "--out",
+                                                             "{tmp}/web.zarr"], 2,
+         "answers but is not a Ray cluster"),
     Case("stac", "--max-items -1", ["{region}", "--max-items", "-1"], 2, "--max-items must be at least 1"),
     Case("stac", "inverted --datetime interval", ["{region}", "--datetime", "2024-06-01/2024-05-01"], 2,
          "ends before it starts"),
@@ -85,6 +88,7 @@ CASES = [
     Case("refresh", "--support tiles outside the AOI", ["--checkpoint", "{tmp}/tiny.safetensors", "--support",
                                                         '{{"labels": "x.tif", "tiles": ["32N_0001_0001"]}}'], 2,
          "32N_0001_0001 lie outside the --aoi"),
+    Case("refresh", "--min-mapping-unit -1", ["--min-mapping-unit", "-1"], 2, "--min-mapping-unit must be >= 0"),
 ]
 
 DEFAULTS = {
@@ -186,6 +190,7 @@ def world(demo_region, tmp_path_factory):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     lock = RunLock(tmp / ".locked.zarr.lock", what="ingest into this cube").__enter__()
     yield {"tmp": str(tmp), "region": str(catalog.parent), "url": f"http://127.0.0.1:{srv.server_address[1]}",
+           "hostport": f"127.0.0.1:{srv.server_address[1]}",
            "bbox": ",".join(f"{v:.5f}" for v in bbox)}
     lock.__exit__(None, None, None)
     srv.shutdown()
@@ -205,6 +210,7 @@ def test_bad_input_is_refused_with_a_message(case, world, capsys, monkeypatch):
     message = next((ln for ln in reversed(err.splitlines()) if "error" in ln or "busy" in ln), err[-300:])
     message = re.sub(r"^\S+\.py: ", "", message).replace(world["tmp"], "…").replace(world["region"], "REGION")
     message = message.replace(world["url"], "http://127.0.0.1:PORT").replace(world["bbox"], "BBOX")
+    message = message.replace(world["hostport"], "127.0.0.1:PORT")
     message = re.sub(r"\(pid \d+ since [^)]*\)", "(pid P since T)", message)
     RESULTS.append((case.job, case.what, code, message))
     assert code == case.code, err[-3000:]

@@ -103,6 +103,48 @@ def test_finetune_reports_held_out_miou_and_describes_its_head(labelled_cube, fi
     assert not module.training and isinstance(module, PixelHead)
 
 
+def test_confidence_temperature_lowers_the_held_out_calibration_error(labelled_cube, finetuned):
+    """The confidence's temperature is fitted on the selection tiles and stored in the head; on the held-out tile
+    the calibrated expected calibration error is lower than the uncalibrated one (the class-balanced head is
+    miscalibrated as trained), recomputed here from the cached pixels. Without selection tiles (the default
+    split of 4 tiles has none) the temperature stays 1 and says so."""
+    from pipeline.calibration import expected_calibration_error
+    from pipeline.finetune import pixel_logits
+
+    assert finetuned[1]["calibration"]["temperature"] == 1.0 and finetuned[1]["calibration"]["fit_pixels"] == 0
+    assert finetuned[1]["calibration"]["fitted_on"].startswith("nothing")
+    out = labelled_cube["tmp"] / "run-calibrated"
+    metrics, feats = finetune(_cfg(labelled_cube, out=str(out), select_every=2), log=lambda s: None)
+    assert len(metrics["select_tiles"]) == 1 and len(metrics["val_tiles"]) == 1
+    cal = metrics["calibration"]
+    print(f"\ncalibration: T {cal['temperature']:.3f} on {cal['fit_pixels']} selection pixels; held-out ECE "
+          f"{cal['ece_uncalibrated']:.4f} uncalibrated -> {cal['ece_calibrated']:.4f} calibrated")
+    assert cal["fitted_on"] == "selection tiles" and cal["fit_pixels"] == len(feats["select"].y) > 0
+    assert read_head_info(out).temperature == pytest.approx(cal["temperature"])
+    head, _ = load_head(out)
+    z = pixel_logits(head, feats["held_out"].x)
+    y = feats["held_out"].y
+    before = expected_calibration_error(torch.softmax(z, 1), y)
+    after = expected_calibration_error(torch.softmax(z / cal["temperature"], 1), y)
+    assert before == pytest.approx(cal["ece_uncalibrated"]) and after == pytest.approx(cal["ece_calibrated"])
+    assert after < before
+
+
+def test_expected_calibration_error_by_hand():
+    """Two bins' worth of pixels: confident and right, unsure and half right."""
+    from pipeline.calibration import expected_calibration_error, fit_temperature
+
+    probs = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.55, 0.45]])
+    labels = torch.tensor([0, 0, 0, 1])
+    # bin of 0.95: accuracy 1, confidence 0.95 -> gap 0.05; bin of 0.55: accuracy 0.5 -> gap 0.05
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.05)
+    # logits twice as sharp as the truth: the fitted temperature undoes it
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(20000, 4, generator=g) * 2
+    y = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=g)[:, 0]
+    assert fit_temperature(true_logits * 2, y) == pytest.approx(2.0, rel=0.05)
+
+
 def test_class_weights_balance_by_inverse_square_root_frequency():
     w = class_weights(np.array([900, 100, 0]))
     assert w[2] == 0 and w[1] / w[0] == pytest.approx(3.0)  # sqrt(900 / 100)

@@ -219,6 +219,22 @@ def test_support_argument_forms(tmp_path):
     for bad in ("[]", '{"tiles": []}', "nope.json", '[{"tile": 3}]'):
         with pytest.raises(ValueError, match="support"):
             parse_support(bad, "cube.zarr")
+    # a support FILE is policed like a catalog: its paths stay in its directory tree unless allowed
+    from pipeline.hrefs import HrefRefused
+
+    evil = tmp_path / "evil.json"
+    evil.write_text(json.dumps([{"tile": "32N_0001_0002", "labels": "/etc/passwd"},
+                                {"tile": "32N_0001_0003", "labels": "../elsewhere/truth.tif"}]))
+    with pytest.raises(HrefRefused, match="'/etc/passwd' is a local file outside the support file's directory"):
+        parse_support(evil, "cube.zarr")
+    evil.write_text(json.dumps({"labels": "../elsewhere/truth.tif", "tiles": ["32N_0001_0002"]}))
+    with pytest.raises(HrefRefused, match="elsewhere/truth.tif.*--allow-href"):
+        parse_support(evil, "cube.zarr")
+    ok = parse_support(evil, "cube.zarr", allow=[str(tmp_path.parent / "elsewhere")])
+    assert ok[0].labels == str(tmp_path.parent / "elsewhere" / "truth.tif")
+    evil.write_text(json.dumps({"labels": "http://127.0.0.1:9/truth.tif", "tiles": ["32N_0001_0002"]}))
+    with pytest.raises(HrefRefused, match="internal address"):
+        parse_support(evil, "cube.zarr")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -266,6 +282,161 @@ def test_landcover_cog_matches_a_direct_prediction(setup, landcover):
     assert len(rec) == 4 and all((out.parent / "landcover.tiles" / r["file"]).exists() for r in rec.values())
 
 
+def test_class_map_comes_with_confidence_polygons_report_and_cost(setup, landcover):
+    """Beside the class COG: the confidence COG (uint8 percent of the top class: softmax of the blended logits at
+    the head's temperature; nodata exactly where the class map's is), equal to a direct prediction's; the
+    GeoParquet polygons, which rasterised back give the class map itself (no minimum mapping unit); the report;
+    all of them assets of the STAC item, which also carries the processing extension and the run's cost."""
+    import geopandas as gpd
+
+    from pipeline.vectors import rasterise
+
+    out, _ = landcover
+    conf = out.with_name("landcover.confidence.tif")
+    assert cog_validate(str(conf))[0]
+    with rasterio.open(out) as cls_src, rasterio.open(conf) as src:
+        assert src.dtypes == ("uint8",) and src.nodata == 255 and src.count == 1
+        assert (src.crs, src.transform, src.shape) == (cls_src.crs, cls_src.transform, cls_src.shape)
+        c, k = src.read(1), cls_src.read(1)
+        assert np.array_equal(c == 255, k == 255)
+        valid = c[k != 255]
+        assert valid.max() <= 100 and valid.min() >= 100 // 7  # a 7-class softmax's top class is >= 1/7
+        plan = plan_inference(dataclasses.replace(_config(setup, out), overwrite=True), say=lambda s: None)
+        before = torch.get_num_threads()
+        try:
+            pred = TilePredictor(dataclasses.replace(plan.spec, threads=2))
+            for t in plan.todo:
+                batch = next(read_tiles_local(str(setup["cube"]), [t], modalities=plan.spec.modalities))
+                both = pred.predict_rows([{kk: v[0] for kk, v in batch.items()}], confidence=True)[0]
+                got = src.read(1, window=_tile_window(src, t)).astype(int)
+                assert np.abs(got - both[1].astype(int)).max() <= 1, t  # rounding of float sums across threads
+        finally:
+            torch.set_num_threads(before)
+    vec = gpd.read_parquet(out.with_suffix(".parquet"))
+    assert list(vec.columns) == ["class_id", "class_name", "area_m2", "geometry"]
+    assert vec.crs.to_epsg() == parse_tile_id(setup["tiles"][0], CFG.grid).epsg
+    assert set(vec["class_name"]) <= set(setup["names"].values())
+    assert np.array_equal(rasterise(vec, out), k)
+    assert abs(vec["area_m2"].sum() - (k != 255).sum() * 100.0) < 1e-3
+    item = json.loads(out.with_suffix(".json").read_text())
+    assets = item["assets"]
+    assert {k: os.path.normpath(a["href"]) for k, a in assets.items() if k != "data" and k != "thumbnail"} == {
+        "confidence": "landcover.confidence.tif", "vectors": "landcover.parquet", "report": "landcover.report.html"}
+    assert assets["confidence"]["raster:bands"][0]["unit"] == "percent"
+    assert out.with_name("landcover.report.html").exists()
+    props = item["properties"]
+    assert any("processing" in e for e in item["stac_extensions"])
+    assert props["processing:level"] == "L4" and "torch" in props["processing:software"]
+    assert props["skysense:cpu_seconds"] > 0 and props["skysense:km2_per_hour"] > 0
+    assert props["skysense:area_km2"] == pytest.approx(4 * 0.32 ** 2)
+    html = out.with_name("landcover.report.html").read_text()
+    assert 'src="landcover.png"' in html and "km²" in html
+
+
+def test_product_report_renders_in_chromium_with_scores_added(setup, landcover, driver, tmp_path):
+    """The land-cover product's report, with scores added afterwards as the demo adds them
+    (``pipeline.inference.update_report``), in a real headless Chromium: no console error, the quicklook loaded,
+    the legend, class areas (which add up to the mapped area), the model beside the baseline."""
+    import shutil as sh
+
+    from pipeline.inference import update_report
+    from tests.browser import console_errors as _console_errors
+
+    out, _ = landcover
+    copy = tmp_path / "product"  # a copy: the other tests read the original
+    copy.mkdir()
+    for f in out.parent.glob("landcover.*"):
+        if f.is_file():
+            sh.copy2(f, copy / f.name)
+    doc = json.loads((copy / "landcover.report.json").read_text())
+    doc_ql = Path(doc["quicklook"])
+    assert doc_ql.name == "landcover.png"
+    (copy / "landcover.report.json").write_text(json.dumps({**doc, "quicklook": str(copy / "landcover.png")}))
+    html = update_report(copy / "landcover.report.html",
+                         metrics=[{"name": "mIoU", "model": 0.5, "baseline": 0.25}], baseline_name="raw pixels",
+                         truth_name="test truth")
+    areas = json.loads((copy / "landcover.report.json").read_text())["class_areas_km2"]
+    with rasterio.open(out) as src:
+        mapped = (src.read(1) != 255).sum() * 100 / 1e6
+    assert sum(areas.values()) == pytest.approx(mapped, rel=1e-6) and set(areas) <= set(setup["names"].values())
+    driver.get(html.as_uri())
+    assert _console_errors(driver) == []
+    state = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);")
+    assert state and all(ok and w > 0 for ok, w in state)
+    text = driver.find_element("tag name", "body").text
+    assert "raw pixels" in text and "0.500" in text and "0.250" in text and "tiny" in text
+    assert all(name in text for name in areas)
+
+
+def test_embedding_field_int8_unit_vectors_one_chunk_per_tile(setup):
+    """--task embeddings writes the int8 field (pipeline.embedding_field): it opens in xarray with its CRS, one
+    Zarr chunk per tile; every vector is the direct prediction's F_fus scaled to unit length and quantised (to
+    within one step of 1/127); dequantised vectors are unit-length within the quantisation error; the STAC item
+    says how to dequantise; the similarity search finds a pixel itself first."""
+    from pipeline.embedding_field import EMBEDDING_SCALE, most_similar, open_field, quantise, read_vector
+
+    out = setup["tmp"] / "products" / "field.zarr"
+    res = run_inference(_config(setup, out, task="embeddings", checkpoint=str(setup["encoder"]), threads=2),
+                        progress=None)
+    assert res.complete and res.out == out and out.is_dir()
+    assert not out.with_suffix(".tif").exists()  # field only: no COG unless asked
+    tiles = [parse_tile_id(t, CFG.grid) for t in setup["tiles"]]
+    ds = open_field(out)
+    emb = ds["embedding"]
+    assert emb.rio.crs.to_epsg() == tiles[0].epsg
+    assert emb.shape == (64, 64, 64) and emb.encoding["chunks"] == (64, 32, 32)
+    raw = open_field(out, decode=False)["embedding"]
+    assert raw.dtype == np.int8
+    chunks = sorted(p.relative_to(out) for p in out.glob("epsg*/embedding/c/0/*/*"))
+    assert len(chunks) == 4
+    vec = emb.values
+    norm = np.sqrt((vec ** 2).sum(0))
+    assert np.isfinite(norm).all()
+    assert np.abs(norm - 1).max() <= 64 ** 0.5 * 0.5 * EMBEDDING_SCALE  # each component off by <= half a step
+    plan = plan_inference(dataclasses.replace(_config(setup, out, task="embeddings",
+                                                      checkpoint=str(setup["encoder"])), overwrite=True),
+                          say=lambda s: None)
+    before = torch.get_num_threads()
+    try:
+        direct = TilePredictor(dataclasses.replace(plan.spec, threads=2))
+        for t in tiles:
+            batch = next(read_tiles_local(str(setup["cube"]), [t.id], modalities=plan.spec.modalities))
+            want = quantise(direct.predict({k: v[0] for k, v in batch.items()}))
+            x0, _, _, y1 = t.core_bounds()
+            got = raw.sel(x=slice(x0, x0 + 320), y=slice(y1, y1 - 320)).values
+            assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1, t.id
+    finally:
+        torch.set_num_threads(before)
+    item = json.loads(out.with_suffix(".json").read_text())
+    data = item["assets"]["data"]
+    assert os.path.normpath(data["href"]) == "field.zarr" and data["type"] == "application/vnd+zarr"
+    assert data["raster:bands"][0]["scale"] == pytest.approx(1 / 127) and data["raster:bands"][0]["nodata"] == -128
+    assert item["properties"]["skysense:task"] == "embeddings"
+    x, y = float(ds.x[10]), float(ds.y[20])
+    best = most_similar(out, read_vector(out, x, y), k=5)
+    assert (best[0].x, best[0].y) == (x, y) and best[0].similarity > 0.999
+    assert all(a.similarity >= b.similarity for a, b in zip(best, best[1:], strict=False))
+    # a pixel's nearest neighbours in the field share its class (the demo truth) far more often than chance
+    with rasterio.open(setup["truth"] / "landcover_10m.tif") as truth:
+        def classes_at(xs, ys):
+            tx, ty = rasterio.warp.transform(emb.rio.crs, truth.crs, list(xs), list(ys))
+            return np.array([v[0] for v in truth.sample(list(zip(tx, ty, strict=True)))])
+
+        gx, gy = np.meshgrid(ds.x.values, ds.y.values)
+        every = classes_at(gx.ravel(), gy.ravel())
+        rng = np.random.default_rng(0)
+        same, chance = [], []
+        for i in rng.choice(len(every), 15, replace=False):
+            r, c = divmod(int(i), gx.shape[1])
+            group = next(iter(json.loads((out / "zarr.json").read_text())["attributes"]["skysense:embedding_field"]
+                              ["groups"]))
+            near = most_similar(out, raw.values[:, r, c], k=10, exclude=(group, r, c))
+            same.append(float((classes_at([m.x for m in near], [m.y for m in near]) == every[i]).mean()))
+            chance.append(float((every == every[i]).mean()))
+    print(f"\nsimilarity: {np.mean(same):.2f} of the 10 nearest share the query's class, chance {np.mean(chance):.2f}")
+    assert np.mean(same) > 1.5 * np.mean(chance)
+
+
 def test_product_past_part_px_is_cog_parts_with_a_vrt_and_a_collection(setup, landcover, tmp_path):
     """The landcover tiles of the reference run made into a product of 32 px parts (``part_px``): 2 x 2 part
     COGs written by Ray tasks, a VRT that opens as one raster equal pixel for pixel to the single-COG product,
@@ -293,11 +464,12 @@ def test_product_past_part_px_is_cog_parts_with_a_vrt_and_a_collection(setup, la
 
 
 def test_embeddings_and_seams(setup, landcover):
-    """F_fus as float32 bands; across tile borders neighbouring pixels differ no more than inside tiles, for the
-    features and for the class map (the tile halo and the blended windows leave no seam)."""
+    """F_fus as float32 bands (--embedding-dtype float32); across tile borders neighbouring pixels differ no more
+    than inside tiles, for the features and for the class map (the tile halo and the blended windows leave no
+    seam)."""
     out = setup["tmp"] / "products" / "embeddings.tif"
-    res = run_inference(_config(setup, out, task="embeddings", checkpoint=str(setup["encoder"]), threads=1),
-                        progress=None)
+    res = run_inference(_config(setup, out, task="embeddings", checkpoint=str(setup["encoder"]), threads=1,
+                                embedding_dtype="float32"), progress=None)
     assert res.complete and len(res.done) == 4
     assert cog_validate(str(out))[0]
     with rasterio.open(out) as src:
@@ -425,6 +597,9 @@ def test_fewshot_from_labelled_support_tiles(setup, torch_one_thread):
     support.write_text(json.dumps({"labels": str(setup["truth"] / "landcover_hr.tif"), "tiles": setup["tiles"][3:]}))
     cfg = _config(setup, setup["tmp"] / "products" / "fewshot.tif", task="fewshot", checkpoint=str(setup["encoder"]),
                   support=str(support), tiles=setup["tiles"][:1])
+    with pytest.raises(ValueError, match="outside the support file's directory"):  # the truth lies elsewhere
+        plan_inference(cfg, say=lambda s: None)
+    cfg = dataclasses.replace(cfg, allow_hrefs=(str(setup["truth"]),))
     plan = plan_inference(cfg, say=lambda s: None)
     s = plan.spec.support
     assert s.num_classes == 7 and s.labels.shape == (1, 16 * 8, 16 * 8) and s.origins[0][0] == setup["tiles"][3]
@@ -472,6 +647,11 @@ def test_bad_input_is_refused_before_any_work(setup, landcover, tmp_path, capsys
                   "--out", tmp_path / "x.tif"]) == 2
     assert _main([*emb[:3], "fewshot", "--checkpoint", setup["encoder"], "--out", tmp_path / "f.tif"]) == 2
     assert "--support is required" in capsys.readouterr().err
+    assert _main([*base, "--checkpoint", setup["probe"], "--out", tmp_path / "x.tif", "--min-mapping-unit",
+                  "-5"]) == 2
+    assert "--min-mapping-unit must be >= 0" in capsys.readouterr().err
+    assert _main([*emb, "--checkpoint", setup["encoder"], "--out", tmp_path / "e.zip"]) == 2
+    assert "or an embedding field (.zarr)" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tif")) and not list(tmp_path.glob("*.tiles"))  # nothing written
 
 

@@ -199,6 +199,19 @@ def test_deployments_authenticate_and_local_runs_stay_on_loopback():
                 assert spec.get("authOptions", {}).get("mode") == "token", p.name
             assert "disabled" not in yaml.safe_dump(d).split("RAY_AUTH_MODE")[-1][:40], p.name
     assert n >= 5
+    # every RayJob (a RayCronJob's job template too) names its submitter pod, and the submitter carries the token
+    jobs = 0
+    for p in MANIFESTS:
+        for d in _docs(p):
+            if d.get("kind") not in ("RayJob", "RayCronJob"):
+                continue
+            spec = d["spec"]["jobTemplate"] if d["kind"] == "RayCronJob" else d["spec"]
+            first = spec["submitterPodTemplate"]["spec"]["containers"][0]
+            env = {e["name"]: e for e in first.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+            assert "command" not in first, f"{p.name}: KubeRay supplies the submitter's command from entrypoint"
+            jobs += 1
+    assert jobs == 3
     launcher = (INFRA / "cluster" / "aws-gpu.yaml").read_text()
     assert "--dashboard-host=127.0.0.1" in launcher and "0.0.0.0" not in launcher
     assert "--env-file" in launcher and "RAY_AUTH_MODE=disabled" not in launcher

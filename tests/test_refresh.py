@@ -217,6 +217,20 @@ def test_refresh_versions_only_touched_tiles(region, tmp_path, pgstac_server_tra
     assert latest["version"] == out["version"] and (state / "flood" / "latest").resolve() == v1.resolve()
     item = pystac.Item.from_file(str(v1 / "flood.json"))
     assert item.properties["skysense:as_of"] == fd.isoformat() and item.properties["skysense:previous_version"] is None
+    # the version's water extent as polygons (GeoParquet, an asset of its item): the water classes only, and
+    # rasterised back they are the COG's water pixels
+    import geopandas as gpd
+
+    from pipeline.vectors import rasterise
+
+    vec = gpd.read_parquet(v1 / "flood.parquet")
+    assert set(vec["class_name"]) == {"permanent_water"} | ({"flood_water"} if before_flood else set())
+    assert Path(item.assets["vectors"].get_absolute_href()) == v1 / "flood.parquet"
+    back = rasterise(vec, cog)
+    assert np.array_equal(back != 255, np.isin(arr, [FLOOD_WATER, FLOOD_PERMANENT]))
+    assert "confidence" not in item.assets  # Otsu has no confidence
+    assert Path(item.assets["report"].get_absolute_href()) == v1 / "report.html"
+    assert "permanent_water" in (v1 / "report.html").read_text()
     s1_ids_before = item.properties["skysense:input_items"]
     assert s1_ids_before and all(i.startswith("S1") or "s1" in i.lower() for i in s1_ids_before)
 
@@ -408,6 +422,11 @@ def test_crop_refresh_with_a_head(region, tmp_path):
         assert arr.shape[0] >= 64 and (arr != 255).mean() > 0.95 and set(np.unique(arr)) <= set(range(7)) | {255}
     item = pystac.Item.from_file(str(v1 / "crop.json"))
     assert item.properties["skysense:method"] == "head" and item.properties["skysense:head_sha256"]
+    with rasterio.open(v1 / "confidence.tif") as src:  # the model's confidence beside its class map
+        conf = src.read(1)
+        assert src.nodata == 255 and np.array_equal(conf == 255, arr == 255) and conf[arr != 255].max() <= 100
+    assert Path(item.assets["confidence"].get_absolute_href()) == v1 / "confidence.tif"
+    assert Path(item.assets["vectors"].get_absolute_href()) == v1 / "crop.parquet"
     assert item.common_metadata.start_datetime.date().isoformat() == "2024-04-01"
     # two weeks later: new S2 and S1 dates over every tile -> every tile is predicted again from the longer series
     rc, out2, err = refresh([*base, "--as-of", "2024-05-29"], region["gcs"], timeout=900)
