@@ -58,7 +58,7 @@ def expected_calibration_error(probs: torch.Tensor | np.ndarray, labels: torch.T
     conf, pred = p.max(1)
     correct = (pred == y).float()
     edges = torch.linspace(0, 1, bins + 1)
-    idx = torch.bucketize(conf, edges[1:-1], right=True)  # bin b holds (edges[b], edges[b+1]]; 0 goes to bin 0
+    idx = torch.bucketize(conf, edges[1:-1])  # bin b holds (edges[b], edges[b+1]] (Guo et al.); 0 goes to bin 0
     n = torch.bincount(idx, minlength=bins).float()
     acc = torch.bincount(idx, weights=correct, minlength=bins)
     cs = torch.bincount(idx, weights=conf, minlength=bins)

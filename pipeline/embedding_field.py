@@ -5,7 +5,7 @@ they can open with xarray, search by similarity and feed to a linear probe, not 
 layout follows the Satellite Embedding dataset's: :data:`EMBEDDING_DIMS` dimensions, each pixel's vector scaled
 to unit length and quantised linearly to int8 (``round(v * 127)``, so a component is read back as
 ``q / 127``), nodata ``-128`` (:data:`EMBEDDING_NODATA`). 64 int8 = 64 bytes a pixel, 640 kB a km² before
-compression, 8x less than 2D = 64 float32 bands of ``tiny`` and 96x less than ``base``'s 1,536.
+compression, 4x less than the 64 float32 bands of ``tiny``'s F_fus and 96x less than ``base``'s 1,536.
 
 The width. ``tiny``'s F_fus has exactly 64 channels (2 x ``fusion_dim`` 32): kept as they are. Wider presets
 (``base`` 1,536, ``huge`` 2,048) are projected to 64 by a fixed random orthonormal matrix (:func:`projection`,
@@ -21,12 +21,13 @@ run)::
     /projection             (dims, F) float32, only when F > dims: vector = projection @ F_fus, then unit-normed
     /<epsg group>/          one group per CRS of the tiles (UTM zone), e.g. "epsg32633"
         embedding           (band, y, x) int8, chunks (dims, tile_px, tile_px): ONE CHUNK PER TILE CORE;
-                            attrs scale_factor 1/127, add_offset 0, _FillValue -128, grid_mapping spatial_ref
+                            attrs scale_factor 1/127, add_offset 0, _FillValue -128 (zarr v3: xarray masks only
+                            what the attributes name), grid_mapping spatial_ref
         x, y                pixel-centre coordinates in the group's CRS, metres
         band                0 .. dims-1
         spatial_ref         CF grid mapping (crs_wkt, GeoTransform): rioxarray's ``.rio.crs``
 
-    ds = xr.open_zarr("embeddings.zarr", group="epsg32633")      # decoded: float32 q / 127, NaN nodata
+    ds = xr.open_zarr("embeddings.zarr", group="epsg32633")      # decoded: float64 q / 127, NaN nodata
     ds.embedding.rio.crs                                          # EPSG:32633
 
 :func:`most_similar` answers "which pixels are most like this one" over the whole field, chunk by chunk
@@ -172,7 +173,8 @@ def write_field(tiles: Sequence[str | Path], out: str | Path, *, provenance: Map
         emb = g.create_array(
             "embedding", shape=(dims, height, width), chunks=(dims, th, tw), dtype="int8",
             fill_value=EMBEDDING_NODATA, dimension_names=["band", "y", "x"],
-            attributes={"scale_factor": EMBEDDING_SCALE, "add_offset": 0.0, "grid_mapping": "spatial_ref",
+            attributes={"scale_factor": EMBEDDING_SCALE, "add_offset": 0.0, "_FillValue": EMBEDDING_NODATA,
+                        "grid_mapping": "spatial_ref",
                         "coordinates": "spatial_ref", "units": "1",
                         "long_name": "unit-length embedding vector, int8 (component = value / 127)"})
         g.create_array("x", data=left + (np.arange(width) + 0.5) * res, dimension_names=["x"],
@@ -187,9 +189,11 @@ def write_field(tiles: Sequence[str | Path], out: str | Path, *, provenance: Map
         groups[name] = {"epsg": epsg, "shape": [height, width], "transform": [res, 0, left, 0, -res, top],
                         "tiles": len(members)}
         for h in members:
-            r0, c0 = round((top - h.y1) / res), round((h.x0 - left) / res)
-            if r0 % th or c0 % tw:
-                raise ValueError(f"{h.path} is not on the tile grid of its zone (offset {r0}, {c0} px)")
+            fr, fc = (top - h.y1) / res, (h.x0 - left) / res
+            r0, c0 = round(fr), round(fc)
+            if abs(fr - r0) > 1e-6 or abs(fc - c0) > 1e-6 or r0 % th or c0 % tw:
+                raise ValueError(f"{h.path} is not on the tile grid of its zone (offset {fr:g}, {fc:g} px from the "
+                                 f"first tile corner; chunks are whole tiles)")
             jobs.append((emb, h.path, r0, c0))
 
     def put(job) -> None:
@@ -216,7 +220,7 @@ def write_field(tiles: Sequence[str | Path], out: str | Path, *, provenance: Map
 # ------------------------------------------------------------------------------------------------------------------
 def open_field(path: str | Path, group: str | None = None, decode: bool = True):
     """The field's group (default the first) as an xarray Dataset with its CRS (rioxarray); ``decode``: components
-    as float32 ``q / 127`` with NaN nodata, else the raw int8."""
+    as float64 ``q / 127`` with NaN nodata (xarray's CF decoding), else the raw int8."""
     import rioxarray  # noqa: F401  (registers .rio)
     import xarray as xr
     import zarr

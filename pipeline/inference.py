@@ -41,8 +41,11 @@ prediction for a few milliseconds of work per tile. Why the pipeline needs care 
 
 Per-tile directory ``<work_dir>/<name>/`` (default ``<out dir>/<out stem>.tiles/``)::
 
-    tiles/<tile_id>.tif    the tile core (tile_px x tile_px at 10 m), uint8 nodata 255 + colour table, or float32
-                           bands nodata NaN; written atomically
+    tiles/<tile_id>.tif    the tile core (tile_px x tile_px at 10 m), uint8 nodata 255 + colour table; or the
+                           embedding field's int8 unit vectors, nodata -128; or float32 bands nodata NaN (written
+                           atomically)
+    tiles/<tile_id>.confidence.tif   class maps: the top class's probability, uint8 percent, nodata 255 (written
+                           before the class map)
     manifest.parquet       one row per tile (``pipeline.tile_table``): tile, status ("done" | "failed"), file,
                            seconds, worker | reason; written atomically at the end of every run
     manifest.json          {"format", "fingerprint", "counts": {"done", "failed"}, "tiles_table":
@@ -53,9 +56,10 @@ Per-tile directory ``<work_dir>/<name>/`` (default ``<out dir>/<out stem>.tiles/
     pids/actor-<pid>.pid   test hook (``write_pids``)
 
 A re-run with the same fingerprint (task, encoder and head sha256, support, window, overlap, margin, cube,
-precision) skips every tile recorded done whose file exists; a different fingerprint starts the records over. A
-tile that fails (unreadable, missing from the cube, an exception in the model) is recorded with its reason and does not
-stop the others; the mosaic is made when every tile is done, or with ``allow_partial``.
+precision, tile_format: what a tile file holds) skips every tile recorded done whose file exists; a different
+fingerprint starts the records over. A tile that fails (unreadable, missing from the cube, an exception in the
+model) is recorded with its reason and does not stop the others; the mosaic is made when every tile is done, or
+with ``allow_partial``.
 
 Why read failures are dropped blocks (``DataContext.max_errored_blocks``) and not rows: the
 datasource raises on a tile it cannot read; with one tile per read task that loses only that tile, and the
@@ -111,6 +115,7 @@ DEFAULT_WINDOW = 32  # few-shot, and presets not in PRESET_WINDOW
 # pair's height) keep one window's activations within a few GiB in bf16. With the bounded global attention the
 # cost per pixel hardly depends on the window, so the largest that fits memory wastes the least on overlaps.
 PRESET_WINDOW = {"tiny": 256, "small": 64, "base": 64, "huge": 32}
+QUICKLOOK_PX = 1024  # the quicklook's longest side (pipeline.mosaic.quicklook_png's default)
 DEFAULT_PART_PX = 32768  # [ours] side of the largest single-COG product: 1 GiB of uint8, 328 km at 10 m
 DEFAULT_OVERLAP = 4  # [ours] S2 px shared by neighbouring windows inside a tile, blended with the Hann weight
 # [ours] S2 px of context predicted around the tile core (within the halo) and then dropped: a core pixel at the
@@ -1298,6 +1303,11 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
         dst_crs = crs
     else:
         dst_crs = default_product_crs(dict(root.attrs.get("search", {})))
+    if field and (out.suffix.lower() in (".tif", ".tiff") or cfg.embedding_cog) and \
+            product_side_px(todo, ccfg.grid, dst_crs) > cfg.part_px:
+        raise ValueError(f"the int8 embedding COG of {len(todo)} tiles would pass --part-px {cfg.part_px} px a side: "
+                         f"write the field alone (--out ending in .zarr, without --embedding-cog), whose chunks "
+                         f"have no such limit")
 
     spec = PredictorSpec(
         task=cfg.task, encoder=encoder, head=head.path if head else None, window=window, overlap=overlap,
@@ -1505,9 +1515,12 @@ def _provenance(plan: InferencePlan, done: list[str], failed: Mapping[str, str],
         prov["confidence_temperature"] = spec.temperature
     if spec.support is not None:
         prov["support_windows"] = [list(o) for o in spec.support.origins]
-    for k in ("cpu_seconds", "gpu_seconds", "km2_per_hour", "area_km2"):
+    for k in ("tiles_predicted", "cpu_seconds", "gpu_seconds", "km2_per_hour", "area_km2"):
         if run and run.get(k) is not None:
             prov[k] = run[k]
+    if run:
+        prov["cost_of"] = "this run's predictions; tiles done by an earlier run with the same settings are reused " \
+                          "and not counted"
     return prov
 
 
@@ -1519,14 +1532,16 @@ def _ray_version() -> str:
 
 def run_cost(plan: InferencePlan, tile_seconds: Sequence[float], pipeline_s: float, cpus_per_actor: float,
              gpu: bool) -> dict[str, Any]:
-    """The cost of a run's predictions: ``cpu_seconds`` = sum over tiles of the actor's seconds on it x the CPUs
-    the actor holds (what the cluster was charged, not what the cores did), ``gpu_seconds`` the same x its GPU,
-    ``area_km2`` of the tiles predicted, ``km2_per_hour`` = that area / the pipeline's wall time (actor start-up
-    and model loading included)."""
+    """The cost of THIS run's predictions (tiles done by an earlier run, reused, cost nothing now and are not
+    counted; ``tiles_predicted`` says how many were): ``cpu_seconds`` = sum over tiles of the actor's seconds on
+    it x the CPUs the actor holds (what the cluster was charged, not what the cores did), ``gpu_seconds`` the
+    same x its GPU, ``area_km2`` of the tiles predicted, ``km2_per_hour`` = that area / the pipeline's wall time
+    (actor start-up and model loading included)."""
     busy = float(sum(tile_seconds))
     tile_km = (plan.spec.core[1] * 10 / 1000) ** 2  # the 10 m grid's tile core
     area = len(tile_seconds) * tile_km
-    return {"cpu_seconds": round(busy * cpus_per_actor, 1), "gpu_seconds": round(busy, 1) if gpu else 0.0,
+    return {"tiles_predicted": len(tile_seconds), "cpu_seconds": round(busy * cpus_per_actor, 1),
+            "gpu_seconds": round(busy, 1) if gpu else 0.0,
             "area_km2": round(area, 6),
             "km2_per_hour": round(area / (pipeline_s / 3600), 2) if pipeline_s > 0 and area else None}
 
@@ -1567,7 +1582,7 @@ def _make_product_at(plan: InferencePlan, out: Path, done: list[str], failed: Ma
         if classes:
             conf_cog, conf_parts = mosaic_parts(conf_tiles, conf_out.with_suffix(".vrt"), cfg.part_px,
                                                 map_fn=_ray_map(0.5), blocksize=blocks, **confidence)
-        for stale in (out, out.with_suffix(".json")):  # a single-COG product of an earlier run
+        for stale in _single_cog_files(out):  # a single-COG product of an earlier run
             stale.unlink(missing_ok=True)
     else:
         cog = mosaic_tiles(tiles, out, blocksize=product_blocksize(spec.core[1], len(done)), **common)
@@ -1589,8 +1604,12 @@ def _make_product_at(plan: InferencePlan, out: Path, done: list[str], failed: Ma
             if classes:
                 extras.add_class_assets(item, plan, p, conf_parts[i], say)
             items.append(item)
+        report = None
+        if cfg.report:  # the parts' report: the quicklook of the VRT, the areas summed over the parts
+            holder = product_item(cog, item_id=out.stem, quicklook=png, **item_kw)
+            report = extras.add_report(holder, plan, out, png, holder, run, say).resolve()
         item_path = write_parts_collection(
-            items, cog, out.with_suffix(".json"), collection_id=out.stem, quicklook=png,
+            items, cog, out.with_suffix(".json"), collection_id=out.stem, quicklook=png, report=report,
             description=f"SkySense {cfg.task} product in {len(parts)} COG part(s) of at most {cfg.part_px} px, "
                         f"joined by {cog.name}")
     else:
@@ -1602,6 +1621,12 @@ def _make_product_at(plan: InferencePlan, out: Path, done: list[str], failed: Ma
             extras.add_report(item, plan, out, png, item, run, say)
         item_path = write_item(item, item_path)
     return cog, png, item_path
+
+
+def _single_cog_files(out: Path) -> list[Path]:
+    """The files of a single-COG product at ``out`` (a parts product of the same name replaces them)."""
+    return [out, out.with_suffix(".json"), out.with_name(f"{out.stem}.confidence.tif"), out.with_suffix(".parquet"),
+            out.with_name(f"{out.stem}.report.html"), out.with_name(f"{out.stem}.report.json")]
 
 
 class ProductExtras:
@@ -1648,7 +1673,8 @@ class ProductExtras:
             class_areas_km2=dict(self.areas_km2),
             provenance=report_provenance(product_item.properties),
             timings_s=dict((run or {}).get("seconds", {})),
-            cost={k: (run or {}).get(k) for k in ("cpu_seconds", "gpu_seconds", "area_km2", "km2_per_hour")},
+            cost={k: (run or {}).get(k) for k in ("tiles_predicted", "cpu_seconds", "gpu_seconds", "area_km2",
+                                                   "km2_per_hour")},
             bounds_lonlat=tuple(product_item.bbox) if product_item.bbox else None,
             notes=[f"{n} tile(s) failed and are nodata" for n in [len(product_item.properties.get(
                 "skysense:tiles_failed", []))] if n],
@@ -1676,7 +1702,8 @@ def save_report_json(rep, path: Path) -> Path:
     """The report's content as JSON beside its HTML, so a later step (the demo's scoring) re-renders it with
     more in it (:func:`update_report`)."""
     doc = dataclasses.asdict(rep)
-    doc["quicklook"] = str(rep.quicklook)
+    # relative to the JSON: the product directory may move, or be built in a temporary one and uploaded
+    doc["quicklook"] = os.path.relpath(Path(rep.quicklook).resolve(), Path(path).resolve().parent)
     with storage.local_output(path) as tmp:
         Path(tmp).write_text(json.dumps(doc, indent=2, default=str))
     return path
@@ -1691,6 +1718,7 @@ def update_report(report_html: str | Path, **changes) -> Path:
     html = Path(report_html)
     meta = html.with_suffix(".json")
     doc = {**json.loads(meta.read_text()), **changes}
+    doc["quicklook"] = str(meta.parent / doc["quicklook"])
     doc["legend"] = [(n, tuple(c)) for n, c in doc.get("legend", [])]
     if doc.get("bounds_lonlat"):
         doc["bounds_lonlat"] = tuple(doc["bounds_lonlat"])
@@ -1727,8 +1755,8 @@ def class_areas_km2(cog: str | Path, class_names: Mapping[int, str]) -> dict[str
 def _make_field_product(plan: InferencePlan, out: Path, done: list[str], failed: Mapping[str, str], say,
                         run: Mapping[str, Any] | None) -> tuple[Path, Path, Path]:
     """The embedding field ``<stem>.zarr`` (``pipeline.embedding_field``), an int8 COG too when asked, a
-    quicklook (the first three components as RGB of the COG, or of a small COG made for it), the STAC item and
-    the report."""
+    quicklook (the first three components as RGB of the COG, or of a coarse mosaic of at most
+    :data:`QUICKLOOK_PX` a side made for it and then removed), the STAC item and the report."""
     import pystac
 
     from pipeline.embedding_field import EMBEDDING_NODATA, EMBEDDING_SCALE, FIELD_FORMAT, projection, write_field
@@ -1736,7 +1764,7 @@ def _make_field_product(plan: InferencePlan, out: Path, done: list[str], failed:
     from pipeline.product_item import product_item, write_item
 
     cfg, spec = plan.config, plan.spec
-    field_path = out.with_suffix(".zarr")
+    field_path = out.with_suffix(".zarr")  # plan.field, at ``out`` (a temporary directory for an upload)
     tiles = [tile_path(plan.tile_dir, t) for t in sorted(done)]
     provenance = _provenance(plan, done, failed, run)
     feature_dim = _feature_dim(plan)
@@ -1751,10 +1779,14 @@ def _make_field_product(plan: InferencePlan, out: Path, done: list[str], failed:
             "scale": f"{EMBEDDING_SCALE!r}", "offset": "0", "field_format": FIELD_FORMAT}
     made_cog = cog is not None
     target = cog if made_cog else out.with_name(f".{out.stem}.quicklook-{os.getpid()}.tif")
+    # without a COG to show, the quicklook's source is a coarse mosaic (<= QUICKLOOK_PX a side), not a full one
+    grid = zarr_cube.cube_config(zarr_cube.open_cube(plan.fingerprint["cube"])).grid
+    side = product_side_px(sorted(done), grid, plan.dst_crs)
+    coarse = None if made_cog or side <= QUICKLOOK_PX else grid.res_m * side / QUICKLOOK_PX
     try:
         mosaic_tiles(tiles, target, dst_crs=plan.dst_crs, nodata=EMBEDDING_NODATA, resampling="nearest",
                      overview_resampling="nearest", band_names=plan.band_names, tags=tags, overwrite=True,
-                     blocksize=product_blocksize(spec.core[1], len(done)), progress=say)
+                     blocksize=product_blocksize(spec.core[1], len(done)), progress=say, resolution=coarse)
         png = quicklook_png(target, out.with_suffix(".png"))
         start = datetime.fromisoformat(plan.search["start"]) if plan.search.get("start") else None
         end = datetime.fromisoformat(plan.search["end"]) if plan.search.get("end") else None

@@ -273,7 +273,7 @@ def check_ray_address(addr: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None
     except OSError as e:
         raise RayUnreachable(f"the Ray cluster at {addr!r} does not answer ({e}) within {timeout:g} s: check "
                              "--ray-address or RAY_ADDRESS") from None
-    _check_speaks_grpc(addr, f"{parts.hostname}:{parts.port}", timeout)
+    _check_speaks_grpc(addr, hostport, timeout)  # as given: an IPv6 literal keeps its brackets
 
 
 def _check_speaks_grpc(addr: str, hostport: str, timeout: float) -> None:
@@ -288,7 +288,8 @@ def _check_speaks_grpc(addr: str, hostport: str, timeout: float) -> None:
         import grpc
     except ImportError:  # ray[default] brings grpcio; without it ray.init decides
         return
-    channel = grpc.insecure_channel(hostport)
+    # no HTTP proxy: Ray's own channels ignore http_proxy too (ray_constants.GLOBAL_GRPC_OPTIONS)
+    channel = grpc.insecure_channel(hostport, options=[("grpc.enable_http_proxy", 0)])
     try:
         call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
                                    request_serializer=lambda b: b, response_deserializer=lambda b: b)
@@ -310,6 +311,11 @@ def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     import ray
 
     if ray.is_initialized():
+        # already connected (a caller's session): an explicit address that is not Ray is still an error to report
+        if address not in (None, "auto", "local") and address != ray.get_runtime_context().gcs_address:
+            addr = resolve_ray_address(address)
+            if not addr.startswith(("http://", "https://")):
+                check_ray_address(addr)
         return
     addr = resolve_ray_address(address)
     if addr.startswith(("http://", "https://")):

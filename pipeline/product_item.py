@@ -271,12 +271,13 @@ VRT_MEDIA_TYPE = "application/x-gdal-vrt"  # [ours] GDAL has no registered media
 
 
 def write_parts_collection(parts: Sequence[pystac.Item], vrt: str | Path, path: str | Path, *, collection_id: str,
-                           description: str, quicklook: str | Path | None = None) -> Path:
+                           description: str, quicklook: str | Path | None = None,
+                           report: str | Path | None = None) -> Path:
     """A product made of several COGs (``pipeline.mosaic.mosaic_parts``) as a STAC Collection at ``path``: one
     item per part (``product_item`` of each part COG, written beside its COG as ``<part>.json``), ``item``
     links from the collection, the VRT that joins the parts as its ``index`` asset (``data`` role too: GDAL and
-    QGIS open it as one raster). Local hrefs are relative, so the product directory can move. Returns the
-    path."""
+    QGIS open it as one raster), ``report`` (an HTML run report) as its ``report`` asset. Local hrefs are
+    relative, so the product directory can move. Returns the path."""
     path, vrt = Path(path), Path(vrt)
     if not parts:
         raise ValueError("a product collection needs at least one part")
@@ -295,6 +296,9 @@ def write_parts_collection(parts: Sequence[pystac.Item], vrt: str | Path, path: 
     if quicklook is not None:
         coll.add_asset("thumbnail", pystac.Asset(href=str(Path(quicklook).resolve()), media_type=pystac.MediaType.PNG,
                                                  roles=["thumbnail"]))
+    if report is not None:
+        coll.add_asset("report", pystac.Asset(href=str(Path(report).resolve()), media_type=pystac.MediaType.HTML,
+                                              roles=["overview", "metadata"], title="run report"))
     coll.set_self_href(str(path.resolve()))
     for item in parts:
         data = Path(item.assets["data"].href)

@@ -586,14 +586,24 @@ def _make_version(cfg: RefreshConfig, prod_dir: Path, stage: Path, rel: str, as_
                        class_names=names or None, tags=tags, overwrite=True, progress=say)
     png = quicklook_png(cog, stage / f"{cfg.product}.png")
     extra_cogs = {}
-    conf_tiles = [stage / "confidence_tiles" / f"{t}.tif" for t in done_tiles]
-    if conf_tiles and all(p.exists() for p in conf_tiles):  # a model made (or earlier made) every tile
+    # the model's confidence: every tile a model predicted has one; tiles reused from a version made before
+    # confidence files existed have none and are nodata in it (the report says how many), on the map's own grid
+    conf_tiles = [p for t in done_tiles if (p := stage / "confidence_tiles" / f"{t}.tif").exists()]
+    notes = []
+    if conf_tiles:
+        import rasterio
+
         from pipeline.calibration import CONFIDENCE_NODATA
 
+        with rasterio.open(cog) as src:
+            grid_of_map = {"bounds": tuple(src.bounds), "resolution": src.res[0]}
         extra_cogs["confidence"] = mosaic_tiles(
             conf_tiles, stage / "confidence.tif", dst_crs=crs, nodata=CONFIDENCE_NODATA, blocksize=blocksize,
             overview_resampling="average", band_names=["confidence_percent"], tags=tags, overwrite=True,
-            progress=say)
+            progress=say, **grid_of_map)
+        if len(conf_tiles) < len(done_tiles):
+            notes.append(f"{len(done_tiles) - len(conf_tiles)} of {len(done_tiles)} tiles have no confidence (made "
+                         "before confidence files existed): nodata in confidence.tif")
     otsu_tiles = sorted((stage / "otsu_tiles").glob("*.tif")) if (stage / "otsu_tiles").exists() else []
     if otsu_tiles:
         fnames, fcolors = flood_legend()
@@ -641,14 +651,14 @@ def _make_version(cfg: RefreshConfig, prod_dir: Path, stage: Path, rel: str, as_
               f"{cfg.min_mapping_unit_m2:g} m²)"))
     item.add_asset("tiles", pystac.Asset(str((stage / TILES_TABLE).resolve()), media_type=TABLE_MEDIA_TYPE,
                                          roles=["metadata"], title="Per-tile state: seen items, status, version"))
-    report = _version_report(cfg, stage, cog, png, names, colors, item, provenance, vec)
+    report = _version_report(cfg, stage, cog, png, names, colors, item, provenance, vec, notes)
     item.add_asset("report", pystac.Asset(str(report.resolve()), media_type=pystac.MediaType.HTML,
                                           roles=["overview", "metadata"], title="version report"))
     return write_item(item, stage / f"{cfg.product}.json")
 
 
 def _version_report(cfg: RefreshConfig, stage: Path, cog: Path, png: Path, names: dict, colors: dict, item,
-                    provenance: dict, vec) -> Path:
+                    provenance: dict, vec, notes: list[str]) -> Path:
     """``report.html`` of a version (``pipeline.report``): quicklook and legend, class areas, what made it."""
     from pipeline.inference import class_areas_km2
     from pipeline.report import RunReport, write_report
@@ -661,7 +671,7 @@ def _version_report(cfg: RefreshConfig, stage: Path, cog: Path, png: Path, names
         quicklook=png, legend=[(names.get(k, str(k)), tuple(colors[k])) for k in sorted(colors)],
         class_areas_km2=class_areas_km2(cog, names), provenance=prov,
         bounds_lonlat=tuple(item.bbox) if item.bbox else None,
-        notes=[f"polygons: {vec.features} in {vec.path.name}"])
+        notes=[*notes, f"polygons: {vec.features} in {vec.path.name}"])
     return write_report(rep, stage, name="report.html")
 
 

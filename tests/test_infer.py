@@ -49,6 +49,7 @@ from tests.demo_cube import ingest_2x2_tiles
 REPO = Path(__file__).resolve().parents[1]
 CFG = CubeConfig(grid=TileGrid(32, 4), t_s2=3, t_s1=2, t_hr=1, hr_ratio=8)
 RUN = ["--window", "16", "--overlap", "4", "--batch-size", "3"]  # 3 x 3 windows per 40-px tile sample
+TEMPERATURE = 2.5  # the test head's confidence temperature (as if fitted by jobs/finetune.py)
 
 
 def _tile_records(tile_dir: Path) -> dict[str, dict]:
@@ -76,7 +77,7 @@ def setup(demo_region, ray_local, tmp_path_factory):
     (tmp / "probe").mkdir()
     save_head(tmp / "probe" / "head.safetensors", head, kind="linear", num_classes=7, in_dim=in_dim,
               channels=model.cfg.uper_channels, encoder=enc, preset="tiny", class_names=names, colormap=colors,
-              window=16, labels=str(labels))
+              window=16, labels=str(labels), temperature=TEMPERATURE)
     import ray
 
     return {"cube": tmp / "cube.zarr", "encoder": enc, "probe": tmp / "probe", "tmp": tmp, "aoi": aoi,
@@ -284,7 +285,9 @@ def test_landcover_cog_matches_a_direct_prediction(setup, landcover):
 
 def test_class_map_comes_with_confidence_polygons_report_and_cost(setup, landcover):
     """Beside the class COG: the confidence COG (uint8 percent of the top class: softmax of the blended logits at
-    the head's temperature; nodata exactly where the class map's is), equal to a direct prediction's; the
+    the head's temperature; nodata exactly where the class map's is), equal to a direct prediction's at the
+    head's temperature, which it takes from the head file (a higher temperature lowers every confidence toward
+    1/7, an infinite one gives exactly round(100 / 7)); the
     GeoParquet polygons, which rasterised back give the class map itself (no minimum mapping unit); the report;
     all of them assets of the STAC item, which also carries the processing extension and the run's cost."""
     import geopandas as gpd
@@ -302,14 +305,23 @@ def test_class_map_comes_with_confidence_polygons_report_and_cost(setup, landcov
         valid = c[k != 255]
         assert valid.max() <= 100 and valid.min() >= 100 // 7  # a 7-class softmax's top class is >= 1/7
         plan = plan_inference(dataclasses.replace(_config(setup, out), overwrite=True), say=lambda s: None)
+        assert plan.spec.temperature == TEMPERATURE
         before = torch.get_num_threads()
         try:
-            pred = TilePredictor(dataclasses.replace(plan.spec, threads=2))
+            preds = {t: TilePredictor(dataclasses.replace(plan.spec, threads=2, temperature=t))
+                     for t in (TEMPERATURE, 1.0, 1e6)}
+            lower = 0
             for t in plan.todo:
                 batch = next(read_tiles_local(str(setup["cube"]), [t], modalities=plan.spec.modalities))
-                both = pred.predict_rows([{kk: v[0] for kk, v in batch.items()}], confidence=True)[0]
+                row = {kk: v[0] for kk, v in batch.items()}
+                at = {temp: p.predict_rows([row], confidence=True)[0] for temp, p in preds.items()}
                 got = src.read(1, window=_tile_window(src, t)).astype(int)
-                assert np.abs(got - both[1].astype(int)).max() <= 1, t  # rounding of float sums across threads
+                ok = at[1.0][0] != 255
+                assert np.abs(got - at[TEMPERATURE][1].astype(int)).max() <= 1, t  # rounding across threads
+                assert (at[TEMPERATURE][1][ok] <= at[1.0][1][ok]).all()
+                lower += int((at[TEMPERATURE][1][ok] < at[1.0][1][ok]).sum())
+                assert (at[1e6][1][ok] == round(100 / 7)).all()
+            assert lower > 0
         finally:
             torch.set_num_threads(before)
     vec = gpd.read_parquet(out.with_suffix(".parquet"))
@@ -349,9 +361,7 @@ def test_product_report_renders_in_chromium_with_scores_added(setup, landcover, 
         if f.is_file():
             sh.copy2(f, copy / f.name)
     doc = json.loads((copy / "landcover.report.json").read_text())
-    doc_ql = Path(doc["quicklook"])
-    assert doc_ql.name == "landcover.png"
-    (copy / "landcover.report.json").write_text(json.dumps({**doc, "quicklook": str(copy / "landcover.png")}))
+    assert doc["quicklook"] == "landcover.png"  # relative: the copied product is whole on its own
     html = update_report(copy / "landcover.report.html",
                          metrics=[{"name": "mIoU", "model": 0.5, "baseline": 0.25}], baseline_name="raw pixels",
                          truth_name="test truth")
