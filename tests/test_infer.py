@@ -756,8 +756,11 @@ def test_object_storage_round_trip_on_nodes_that_share_no_disk(setup, landcover,
         storage.configure_gdal()
         with rasterio.open(out) as src:  # /vsis3/
             assert np.array_equal(src.read(), _read(landcover[0]))
-        for sidecar in (".png", ".json"):
-            assert storage.exists(out[:-4] + sidecar)
+        for sidecar in (".png", ".json", ".confidence.tif", ".parquet", ".report.html", ".report.json"):
+            assert storage.exists(out[:-4] + sidecar), sidecar
+        with rasterio.open(out[:-4] + ".confidence.tif") as src, rasterio.open(
+                landcover[0].with_name("landcover.confidence.tif")) as ref:
+            assert np.abs(src.read().astype(int) - ref.read().astype(int)).max() <= 1
         rows = pd.read_parquet(f"{root}/products/landcover.tiles/manifest.parquet")  # s3fs, as any reader
         assert sorted(rows.tile) == setup["tiles"] and (rows.status == "done").all()
         r2 = subprocess.run([*infer, "--overwrite"], env=env, capture_output=True, text=True, timeout=300)
