@@ -749,10 +749,26 @@ def test_object_storage_round_trip_on_nodes_that_share_no_disk(setup, landcover,
         infer = [sys.executable, str(REPO / "jobs" / "infer.py"), "--ray-address", cluster.address, "--cube", cube,
                  "--checkpoint", str(setup["probe"]), "--task", "landcover", "--out", out, *RUN,
                  "--cpus-per-actor", "1"]
+        # the inference driver is killed too, once a tile prediction is on the server, and the run resumes
+        tile_dir = f"{root}/products/landcover.tiles"
+        job = subprocess.Popen(infer, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and job.poll() is None:
+            if any(storage.exists(f"{tile_dir}/tiles/{t}.tif") for t in setup["tiles"]):
+                os.killpg(job.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        job.wait(timeout=60)
+        assert job.returncode == -signal.SIGKILL, "the inference ended before it could be killed:\n" + \
+            job.stdout.read()
+        assert not storage.exists(out)  # no product from a killed run
+        time.sleep(2)  # the dead driver's actor is removed by the cluster
         r = subprocess.run(infer, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
         summary = _summary(r.stdout)
         assert summary["complete"] and summary["done"] == 4 and summary["out"] == out, summary
+        assert summary["processed"] + summary["skipped"] == 4, summary
         storage.configure_gdal()
         with rasterio.open(out) as src:  # /vsis3/
             assert np.array_equal(src.read(), _read(landcover[0]))
