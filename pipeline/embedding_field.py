@@ -31,7 +31,9 @@ run)::
     ds.embedding.rio.crs                                          # EPSG:32633
 
 :func:`most_similar` answers "which pixels are most like this one" over the whole field, chunk by chunk
-(cosine similarity, a running top k), so memory does not grow with the field.
+(cosine similarity, a running top k), so memory does not grow with the field; from the shell::
+
+    python -m pipeline.embedding_field out/embeddings.zarr --lon 9.03 --lat 45.13 --k 20   # JSON lines
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,7 +53,7 @@ import numpy as np
 
 __all__ = [
     "EMBEDDING_DIMS", "EMBEDDING_NODATA", "EMBEDDING_SCALE", "FIELD_FORMAT", "Match", "dequantise", "field_groups",
-    "most_similar", "open_field", "projection", "quantise", "read_vector", "write_field",
+    "most_similar", "open_field", "projection", "quantise", "read_vector", "vector_at_lonlat", "write_field",
 ]
 
 EMBEDDING_DIMS = 64  # the Satellite Embedding dataset's width; tiny's F_fus is exactly this wide
@@ -323,8 +326,61 @@ def most_similar(path: str | Path, query: np.ndarray, k: int = 100, *, exclude: 
     return out
 
 
+def vector_at_lonlat(path: str | Path, lon: float, lat: float) -> tuple[str, int, int, np.ndarray]:
+    """(group, row, col, int8 vector) of the field's pixel at ``lon``/``lat`` (degrees): the first CRS group whose
+    extent holds the point. Raises ``ValueError`` when none does."""
+    import zarr
+    from pyproj import Transformer
+
+    root = zarr.open_group(str(path), mode="r")
+    for name, info in root.attrs[FIELD_ATTR]["groups"].items():
+        x, y = Transformer.from_crs(4326, info["epsg"], always_xy=True).transform(lon, lat)
+        res, _, left, _, _, top = info["transform"]
+        r, c = int(math.floor((top - y) / res)), int(math.floor((x - left) / res))
+        h, w = info["shape"]
+        if 0 <= r < h and 0 <= c < w:
+            return name, r, c, np.asarray(root[name]["embedding"][:, r, c])
+    raise ValueError(f"lon {lon}, lat {lat} lies outside every group of the field {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.embedding_field FIELD --lon LON --lat LAT [--k K]``: the K pixels of the field most
+    like the one at LON/LAT, one JSON object per line (group, row, col, x, y in the group's CRS, lon, lat,
+    similarity), best first, the pixel itself left out. Exit 2 for a point outside the field or a nodata pixel."""
+    import argparse
+
+    from pyproj import Transformer
+
+    p = argparse.ArgumentParser(description="pixels of an embedding field most similar to one pixel (cosine)")
+    p.add_argument("field", help="the embedding field (jobs/infer.py --task embeddings --out FIELD.zarr)")
+    p.add_argument("--lon", type=float, required=True)
+    p.add_argument("--lat", type=float, required=True)
+    p.add_argument("--k", type=int, default=20, help="matches to print (default 20)")
+    a = p.parse_args(argv)
+    if a.k < 1:
+        p.error(f"--k must be at least 1, got {a.k}")
+    if not (Path(a.field) / "zarr.json").exists():
+        p.error(f"{a.field} is not an embedding field (no zarr.json)")
+    try:
+        group, r, c, q = vector_at_lonlat(a.field, a.lon, a.lat)
+        matches = most_similar(a.field, q, a.k, exclude=(group, r, c))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    epsg = {n: g["epsg"] for n, g in field_summary(a.field)["groups"].items()}
+    for m in matches:
+        lon, lat = Transformer.from_crs(epsg[m.group], 4326, always_xy=True).transform(m.x, m.y)
+        print(json.dumps({"group": m.group, "row": m.row, "col": m.col, "x": m.x, "y": m.y, "lon": round(lon, 7),
+                          "lat": round(lat, 7), "similarity": round(m.similarity, 5)}))
+    return 0
+
+
 def field_summary(path: str | Path) -> dict[str, Any]:
     """The root attributes of a field (format, dims, groups, provenance) as a dict."""
     import zarr
 
     return json.loads(json.dumps(dict(zarr.open_group(str(path), mode="r").attrs[FIELD_ATTR])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -107,3 +107,27 @@ def test_most_similar_finds_the_pixel_and_its_copy_across_zones(tmp_path):
     assert all(not (m.group == "epsg32632" and (m.row, m.col) == (0, 0)) for m in most_similar(out, q, k=500))
     with pytest.raises(ValueError, match="nodata or zero"):
         most_similar(out, np.zeros(64), k=1)
+
+
+def test_command_line_lists_the_most_similar_pixels_as_json(tmp_path, capsys):
+    """``python -m pipeline.embedding_field FIELD --lon --lat``: the query pixel's copy first, itself left out;
+    exit 2 with one line for a point outside the field."""
+    import json
+
+    from pyproj import Transformer
+
+    from pipeline.embedding_field import main
+
+    rng = np.random.default_rng(3)
+    q = quantise(rng.standard_normal((64, TILE, TILE)).astype(np.float32))
+    q[:, 9, 1] = q[:, 4, 6]
+    out = write_field([_tile(tmp_path / "a.tif", q, 32632, 0, 0)], tmp_path / "f.zarr")
+    lon, lat = Transformer.from_crs(32632, 4326, always_xy=True).transform(500_000 + 65, 5_000_000 - 45)
+    assert main([str(out), "--lon", str(lon), "--lat", str(lat), "--k", "4"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 4 and (rows[0]["row"], rows[0]["col"]) == (9, 1) and rows[0]["similarity"] == 1.0
+    assert all((r["row"], r["col"]) != (4, 6) for r in rows)
+    assert rows[0]["lon"] == pytest.approx(Transformer.from_crs(32632, 4326, always_xy=True).transform(
+        500_000 + 15, 5_000_000 - 95)[0], abs=1e-6)
+    assert main([str(out), "--lon", "20", "--lat", str(lat)]) == 2
+    assert "outside every group" in capsys.readouterr().err
