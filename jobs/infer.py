@@ -3,8 +3,8 @@
     python jobs/infer.py --cube CUBE --checkpoint CKPT --task landcover|fewshot|embeddings --out OUT.tif
                          [--support TILES_AND_LABELS] [--window N] [--overlap N] [--margin N] [--batch-size N] [--gpu]
                          [--crs EPSG] [--overwrite] [--allow-partial] [--name NAME] [--work-dir DIR]
-                         [--ray-address ADDR] [--num-actors N] [--min-mapping-unit M2] [--no-vectors] [--no-report]
-                         [--embedding-dtype int8|float32] [--embedding-cog]
+                         [--ray-address ADDR] [--num-actors N] [--min-mapping-unit M2] [--simplify M] [--no-vectors]
+                         [--no-report] [--embedding-dtype int8|float32] [--embedding-cog] [--allow-href DIR]
     ray job submit --working-dir . -- python jobs/infer.py ...
 
 CKPT: for landcover, a fine-tune run directory (jobs/finetune.py --out) or its head.safetensors, which names the
@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(repeatable)")
     p.add_argument("--min-mapping-unit", type=float, default=0.0, metavar="M2",
                    help="class polygons: patches smaller than this many m² are merged into their neighbours first")
+    p.add_argument("--simplify", type=float, default=0.0, metavar="M",
+                   help="class polygons: vertex tolerance in metres (default 0: lossless, only collinear vertices "
+                        "dropped; > 0 simplifies each polygon on its own, shared borders may then differ)")
     p.add_argument("--no-vectors", action="store_true", help="do not polygonise the class map (OUT.parquet)")
     p.add_argument("--no-report", action="store_true", help="do not write OUT.report.html")
     p.add_argument("--embedding-dtype", choices=("int8", "float32"), default="int8",
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
         overlap=a.overlap, margin=a.margin, batch_size=a.batch_size, gpu=a.gpu, crs=a.crs, overwrite=a.overwrite,
         allow_partial=a.allow_partial, name=a.name, work_dir=a.work_dir, ray_address=a.ray_address,
         num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, part_px=a.part_px, max_tiles=a.max_tiles,
-        write_pids=a.write_pids, min_mapping_unit_m2=a.min_mapping_unit, vectors=not a.no_vectors,
+        write_pids=a.write_pids, min_mapping_unit_m2=a.min_mapping_unit, simplify_m=a.simplify,
+        vectors=not a.no_vectors,
         report=not a.no_report, allow_hrefs=tuple(a.allow_href), embedding_dtype=a.embedding_dtype,
         embedding_cog=a.embedding_cog,
     )

@@ -979,7 +979,8 @@ class InferenceConfig:
     Products. A class map (landcover, fewshot) comes with ``<stem>.confidence.tif`` (uint8 percent of the top
     class, ``pipeline.calibration``), ``<stem>.parquet`` (its polygons, GeoParquet, ``pipeline.vectors``; vectors
     [--no-vectors]; min_mapping_unit_m2 [--min-mapping-unit]: smaller patches are merged into their neighbours
-    first) and ``<stem>.report.html`` (report [--no-report]). embedding_dtype [--embedding-dtype]: ``int8`` (the
+    first; simplify_m [--simplify]: vertex tolerance in metres, 0 = only collinear vertices dropped, lossless)
+    and ``<stem>.report.html`` (report [--no-report]). embedding_dtype [--embedding-dtype]: ``int8`` (the
     default) writes the embedding field ``<stem>.zarr`` (``pipeline.embedding_field``: 64-d unit vectors, one
     Zarr chunk per tile; ``out`` may end in ``.zarr``), plus an int8 COG when ``out`` ends in ``.tif`` or with
     embedding_cog [--embedding-cog]; ``float32``: the raw features as a float32 COG, nodata NaN."""
@@ -1018,6 +1019,7 @@ class InferenceConfig:
     embedding_cog: bool = False
     vectors: bool = True
     min_mapping_unit_m2: float = 0.0
+    simplify_m: float = 0.0
     report: bool = True
 
 
@@ -1159,6 +1161,8 @@ def plan_inference(cfg: InferenceConfig, say: Callable[[str], None] = print) -> 
                          f"use --embedding-dtype float32 for an s3:// COG, or a local --out")
     if cfg.min_mapping_unit_m2 < 0:
         raise ValueError(f"--min-mapping-unit must be >= 0 m², got {cfg.min_mapping_unit_m2}")
+    if cfg.simplify_m < 0:
+        raise ValueError(f"--simplify must be >= 0 m, got {cfg.simplify_m}")
     for existing in ([out, out.with_suffix(".zarr")] if field else [out]):
         if storage.exists(out_at(existing)) and not cfg.overwrite:
             raise FileExistsError(f"the product {out_at(existing)} exists: pass --overwrite to replace it")
@@ -1653,12 +1657,13 @@ class ProductExtras:
             from pipeline.vectors import polygonise
 
             vec = polygonise(cog, cog.with_suffix(".parquet"), class_names=plan.class_names or None,
-                             min_mapping_unit_m2=plan.config.min_mapping_unit_m2)
+                             min_mapping_unit_m2=plan.config.min_mapping_unit_m2, simplify_m=plan.config.simplify_m)
             say(f"[infer] polygons: {vec.features} features in {Path(vec.path).name} (minimum mapping unit "
                 f"{plan.config.min_mapping_unit_m2:g} m², {vec.sieved_pixels} px merged), {vec.seconds:.1f} s")
             item.add_asset("vectors", pystac.Asset(
                 str(Path(vec.path).resolve()), media_type="application/vnd.apache.parquet", roles=["data", "vector"],
-                title=f"class polygons (GeoParquet; minimum mapping unit {plan.config.min_mapping_unit_m2:g} m²)"))
+                title=f"class polygons (GeoParquet; minimum mapping unit {plan.config.min_mapping_unit_m2:g} m², "
+                      f"simplified to {plan.config.simplify_m:g} m)"))
             self.vectors.append(Path(vec.path))
 
     def add_report(self, item, plan: InferencePlan, out: Path, png: Path, product_item, run, say) -> Path:

@@ -660,6 +660,8 @@ def test_bad_input_is_refused_before_any_work(setup, landcover, tmp_path, capsys
     assert _main([*base, "--checkpoint", setup["probe"], "--out", tmp_path / "x.tif", "--min-mapping-unit",
                   "-5"]) == 2
     assert "--min-mapping-unit must be >= 0" in capsys.readouterr().err
+    assert _main([*base, "--checkpoint", setup["probe"], "--out", tmp_path / "x.tif", "--simplify", "-1"]) == 2
+    assert "--simplify must be >= 0" in capsys.readouterr().err
     assert _main([*emb, "--checkpoint", setup["encoder"], "--out", tmp_path / "e.zip"]) == 2
     assert "or an embedding field (.zarr)" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tif")) and not list(tmp_path.glob("*.tiles"))  # nothing written
