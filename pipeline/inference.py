@@ -1775,8 +1775,10 @@ def _make_field_product(plan: InferencePlan, out: Path, done: list[str], failed:
     feature_dim = _feature_dim(plan)
     proj = projection(feature_dim, spec.embedding_dims)
     t0 = time.perf_counter()
-    write_field(tiles, field_path, provenance={k: v for k, v in provenance.items() if k != "input_items"},
-                proj=proj, overwrite=True)
+    from pipeline.product_item import public_provenance
+
+    write_field(tiles, field_path, proj=proj, overwrite=True,
+                provenance=public_provenance({k: v for k, v in provenance.items() if k != "input_items"}))
     say(f"[infer] embedding field {field_path.name}: {len(tiles)} chunks of {spec.embedding_dims} x int8, "
         f"{time.perf_counter() - t0:.1f} s")
     cog = plan.cog

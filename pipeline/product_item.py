@@ -37,7 +37,7 @@ from pystac.extensions.classification import Classification, ClassificationExten
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, NoDataStrings, RasterBand, RasterExtension
 
-__all__ = ["PROCESSING_SCHEMA", "add_raster_asset", "product_item", "write_item"]
+__all__ = ["PROCESSING_SCHEMA", "add_raster_asset", "product_item", "public_provenance", "write_item"]
 
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 # Provenance keys that are processing-extension fields (``processing:<key>``); every provenance key is also
@@ -71,6 +71,12 @@ def _public(v: Any) -> Any:
     if isinstance(v, (str, Path)) and "://" not in str(v) and os.path.isabs(str(v)):
         return Path(v).name
     return v
+
+
+def public_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """``provenance`` as it may be published (JSON values, local absolute paths cut to their file names), for
+    metadata written outside a STAC item (the embedding field's attributes)."""
+    return {k: _jsonable(_public(v)) for k, v in provenance.items()}
 
 
 def _utc(d: datetime | None) -> datetime | None:

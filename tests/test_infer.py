@@ -422,6 +422,11 @@ def test_embedding_field_int8_unit_vectors_one_chunk_per_tile(setup):
     assert os.path.normpath(data["href"]) == "field.zarr" and data["type"] == "application/vnd+zarr"
     assert data["raster:bands"][0]["scale"] == pytest.approx(1 / 127) and data["raster:bands"][0]["nodata"] == -128
     assert item["properties"]["skysense:task"] == "embeddings"
+    from pipeline.embedding_field import field_summary
+
+    prov = field_summary(out)["provenance"]  # what made it, without the layout of this machine
+    assert prov["checkpoint"] == "tiny.safetensors" and prov["checkpoint_sha256"] == file_sha256(setup["encoder"])
+    assert not [v for v in prov.values() if isinstance(v, str) and v.startswith("/")]
     x, y = float(ds.x[10]), float(ds.y[20])
     best = most_similar(out, read_vector(out, x, y), k=5)
     assert (best[0].x, best[0].y) == (x, y) and best[0].similarity > 0.999
