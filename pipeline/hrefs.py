@@ -119,3 +119,29 @@ class HrefPolicy:
             return
         raise HrefRefused(f"{what} {href!r}: scheme {scheme!r} is not allowed (local files in the catalog's tree, "
                           f"http(s), the object stores {list(self.object_stores)}); {hint}")
+
+
+REMOTE_INPUT_SCHEMES = ("http", "https", "s3", "gs", "az", "abfs")  # what a typed input path may name beyond files
+
+
+def check_user_input(path: str, what: str) -> None:
+    """A path the user typed (``--labels``): local files are the user's own and open wherever they are, but a
+    URL is held to the rest of the policy, so that no flag makes a job fetch from inside the cluster: http(s)
+    only to public addresses (no loopback, private or link-local), object stores by their schemes (GDAL's
+    ``/vsis3/``-style paths included), nothing else. Raises :class:`HrefRefused` naming ``what``."""
+    p = str(path)
+    if p.startswith("/vsi"):
+        for prefix in ("/vsicurl/", "/vsicurl_streaming/"):  # GDAL's HTTP reader: the URL follows the prefix
+            if p.startswith(prefix):
+                check_user_input(p[len(prefix):], what)
+        return
+    scheme = urlsplit(p).scheme.lower()
+    if len(scheme) <= 1 or scheme == "file":  # a local path (a Windows drive letter too)
+        return
+    if scheme not in REMOTE_INPUT_SCHEMES:
+        raise HrefRefused(f"{what} {p!r}: scheme {scheme!r} is not allowed (files, http(s), "
+                          f"{', '.join(s for s in REMOTE_INPUT_SCHEMES if not s.startswith('http'))})")
+    if scheme in WEB_SCHEMES and _is_internal(urlsplit(p).hostname):
+        raise HrefRefused(f"{what} {p!r} points at an internal address (loopback, private or link-local); "
+                          "copy the file and pass its local path")
+

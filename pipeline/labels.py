@@ -71,10 +71,15 @@ def _is_local(path: str) -> bool:
 
 
 def open_label_raster(label_raster: str | Path) -> rasterio.DatasetReader:
-    """Open a label raster with a clear error when it is missing or not a single-band raster with a CRS."""
+    """Open a label raster with a clear error when it is missing or not a single-band raster with a CRS. A URL
+    is held to ``pipeline.hrefs.check_user_input`` (no internal addresses, no unknown schemes)."""
     p = str(label_raster)
     if _is_local(p) and not Path(p).exists():
         raise FileNotFoundError(f"label raster {p} does not exist")
+    if not _is_local(p) or p.startswith("/vsi"):
+        from pipeline.hrefs import check_user_input
+
+        check_user_input(p, "label raster")
     try:
         src = rasterio.open(p)
     except RasterioIOError as e:

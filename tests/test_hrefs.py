@@ -123,3 +123,31 @@ def test_ingest_refuses_band_hrefs_outside_the_policy(demo_region, tmp_path, htt
     item.write_text(json.dumps(d))
     r = _ingest(copy / "catalog.json", tmp_path / "cube.zarr", *allow)
     assert r.returncode == 2 and "internal address" in r.stderr and f"{url}/B04.tif" in r.stderr, r.stderr[-2000:]
+
+
+def test_typed_label_paths_are_the_users_but_urls_follow_the_policy(http_dir, tmp_path):
+    """``--labels`` typed by the user opens any local file, but a URL to an internal address (a real server on
+    127.0.0.1), an unknown scheme or GDAL's /vsicurl/ to one is refused before GDAL fetches it; public http(s)
+    and object-store URLs pass the check."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from pipeline.hrefs import check_user_input
+    from pipeline.labels import open_label_raster
+
+    root, url = http_dir
+    with rasterio.open(root / "labels.tif", "w", driver="GTiff", width=4, height=4, count=1, dtype="uint8",
+                       crs="EPSG:32632", transform=from_origin(500000, 5000000, 10, 10)) as dst:
+        dst.write(np.zeros((1, 4, 4), np.uint8))  # served for real: only the policy stands in the way
+    with open_label_raster(root / "labels.tif") as src:  # the same file by its local path opens
+        assert src.shape == (4, 4)
+    for ok in (str(tmp_path / "labels.tif"), "file:///data/labels.tif", "https://example.com/labels.tif",
+               "s3://bucket/labels.tif", "/vsis3/bucket/labels.tif", "/vsicurl/https://example.com/l.tif"):
+        check_user_input(ok, "label raster")
+    with pytest.raises(HrefRefused, match="internal address"):
+        open_label_raster(f"{url}/labels.tif")
+    with pytest.raises(HrefRefused, match="internal address"):
+        open_label_raster(f"/vsicurl/{url}/labels.tif")
+    with pytest.raises(HrefRefused, match="scheme 'ftp' is not allowed"):
+        open_label_raster("ftp://example.com/labels.tif")
