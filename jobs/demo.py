@@ -156,7 +156,7 @@ def _products_line(product: Path) -> None:
 
 def _score_report(product: Path, rows: list[dict], baseline_name: str, truth_name: str) -> None:
     """Re-render the product's report with the scores against truth, the baseline beside the model."""
-    from pipeline.inference import update_report
+    from pipeline.report import update_report
 
     html = product.with_name(f"{product.stem}.report.html")
     if html.exists():

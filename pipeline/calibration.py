@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.labels import CONFIDENCE_NODATA  # noqa: F401  (re-exported: the band this module fills)
+
 __all__ = ["CONFIDENCE_NODATA", "ECE_BINS", "confidence_percent", "expected_calibration_error", "fit_temperature"]
 
-CONFIDENCE_NODATA = 255  # uint8 confidence band: 0..100 are percent, 255 where the class map is nodata
 ECE_BINS = 15  # the usual equal-width binning of Guo et al. 2017
 
 

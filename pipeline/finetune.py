@@ -356,19 +356,14 @@ def _extract(cube, labels, spec, predictor, tiles, sample, seed, log, until_doy)
 def evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, chunk: int = 65536,
              truth_classes_only: bool = False) -> dict:
     """mIoU, per-class IoU and pixel accuracy of ``head`` on pixel features x (N, F) with labels y (N,)."""
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    with torch.inference_mode():
-        for i in range(0, len(y), chunk):
-            logits = head.forward_pixels(x[i:i + chunk])
-            cm += confusion(logits.argmax(1), y[i:i + chunk], num_classes)
-    return scores(cm, truth_classes_only)
+    return scores(confusion(pixel_logits(head, x, chunk).argmax(1), y, num_classes), truth_classes_only)
 
 
 def pixel_logits(head: nn.Module, x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """(N, C) float32 logits of ``head`` on pixel features x (N, F)."""
+    """(N, C) float32 logits of ``head`` on pixel features x (N, F), ``chunk`` pixels per forward (N = 0 gives
+    (0, C))."""
     with torch.no_grad():
-        return torch.cat([head.forward_pixels(x[i:i + chunk]).float() for i in range(0, len(x), chunk)] or
-                         [torch.zeros(0, 0)])
+        return torch.cat([head.forward_pixels(x[i:i + chunk]).float() for i in range(0, max(len(x), 1), chunk)])
 
 
 def calibrate(head: nn.Module, select: TileSet, held_out: TileSet | None) -> dict:

@@ -66,16 +66,20 @@ def _inside(path: str, root: str) -> bool:
 @dataclass(frozen=True)
 class HrefPolicy:
     """``roots``: local directory trees (real paths); ``urls``: URL prefixes allowed even when internal (the
-    catalog's origin, ``--allow-href`` URLs); ``object_stores``: allowed ``s3://`` (etc.) prefixes."""
+    catalog's origin, ``--allow-href`` URLs); ``object_stores``: allowed ``s3://`` (etc.) prefixes; ``owner``:
+    whose directory ``roots[0]`` is, for the messages ("the catalog", "the support file")."""
 
     roots: tuple[str, ...] = ()
     urls: tuple[str, ...] = ()
     object_stores: tuple[str, ...] = ()
+    owner: str = "the catalog"
 
     @classmethod
-    def for_catalog(cls, catalog: str | os.PathLike, allow: Sequence[str] = ()) -> HrefPolicy:
-        """The default policy of ``catalog`` (a static catalog path or URL, or a STAC API URL), widened by
-        ``allow`` (directories or URL prefixes)."""
+    def for_catalog(cls, catalog: str | os.PathLike, allow: Sequence[str] = (), owner: str = "the catalog",
+                    ) -> HrefPolicy:
+        """The default policy of ``catalog`` (a static catalog path or URL, or a STAC API URL; or another input
+        file that names files, ``owner`` saying what it is), widened by ``allow`` (directories or URL
+        prefixes)."""
         from pipeline.providers import PROFILES
 
         catalog = str(catalog)
@@ -93,7 +97,7 @@ class HrefPolicy:
                 urls.append(a)
         stores = tuple(m for p in PROFILES.values() for m in p.link_markers if "://" in m
                        and urlsplit(m).scheme.lower() not in WEB_SCHEMES)
-        return cls(tuple(roots), tuple(urls), stores)
+        return cls(tuple(roots), tuple(urls), stores, owner)
 
     def check(self, href: str, what: str = "href") -> None:
         """Raise :class:`HrefRefused` unless ``href`` is allowed (module docstring); ``what`` names it."""
@@ -104,7 +108,7 @@ class HrefPolicy:
         if scheme in LOCAL_SCHEMES:
             path = _local_path(href)
             if not any(_inside(path, r) for r in self.roots):
-                where = f"the catalog's directory {self.roots[0]}" if self.roots else "no local directory (the " \
+                where = f"{self.owner}'s directory {self.roots[0]}" if self.roots else "no local directory (the " \
                     "catalog is a STAC API)"
                 raise HrefRefused(f"{what} {href!r} is a local file outside {where}; {hint}")
             return

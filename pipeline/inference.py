@@ -96,7 +96,7 @@ from pipeline.datasource import (
 from pipeline.embedding_field import EMBEDDING_DIMS
 from pipeline.grid import parse_tile_id, utm_epsg, utm_zone
 from pipeline.jsonfiles import read_json
-from pipeline.labels import NODATA
+from pipeline.labels import CONFIDENCE_NODATA, NODATA
 from pipeline.tile_table import read_records, write_records
 
 if TYPE_CHECKING:  # pipeline.finetune imports torch: the read and write workers never need it
@@ -249,7 +249,7 @@ def parse_support(spec: str | Path, cube: str | Path, allow: Sequence[str] = ())
     directory as the catalog's), unless ``allow`` (``--allow-href``) names their directory; JSON text on the
     command line is the user's own and is not policed. Raises ``ValueError`` with the reason for anything else
     (``pipeline.hrefs.HrefRefused``, a ``ValueError``, for a path outside the policy)."""
-    from pipeline.hrefs import HrefPolicy, HrefRefused
+    from pipeline.hrefs import HrefPolicy
 
     text, base, policy = str(spec), Path.cwd(), None
     if not text.lstrip().startswith(("{", "[")):
@@ -257,7 +257,7 @@ def parse_support(spec: str | Path, cube: str | Path, allow: Sequence[str] = ())
         if not p.is_file():
             raise ValueError(f"--support {text}: no such file (give a JSON file or JSON text)")
         text, base = p.read_text(), p.resolve().parent
-        policy = HrefPolicy.for_catalog(base, allow)
+        policy = HrefPolicy.for_catalog(base, allow, owner="the support file")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -266,11 +266,7 @@ def parse_support(spec: str | Path, cube: str | Path, allow: Sequence[str] = ())
     def path(v: str) -> str:
         resolved = v if "://" in v or v.startswith("/vsi") else str((base / v).resolve())
         if policy is not None:
-            try:
-                policy.check(resolved, what=f"--support {spec}: the path")
-            except HrefRefused as e:
-                raise HrefRefused(str(e).replace("the catalog's directory", "the support file's directory")) \
-                    from None
+            policy.check(resolved, what=f"--support {spec}: the path")
         return resolved
 
     if isinstance(doc, dict):
@@ -643,7 +639,7 @@ class TilePredictor:
                 if not confidence:
                     out.append(cls[None])
                     continue
-                from pipeline.calibration import CONFIDENCE_NODATA, confidence_percent
+                from pipeline.calibration import confidence_percent
 
                 if s.task == "fewshot":  # blended probabilities already
                     conf = np.rint(np.clip(blended.max(0), 0, 1) * 100).astype(np.uint8)
@@ -815,8 +811,6 @@ def write_tile_outputs(batch: Mapping[str, np.ndarray], *, tile_dir: str, cube: 
                 pred = np.asarray(batch["pred"][i])
                 where = dict(epsg=geo.epsg, transform=geo.transform * Affine.translation(c0, c0))
                 if confidence:
-                    from pipeline.calibration import CONFIDENCE_NODATA
-
                     write_tile(tile_path(tile_dir, tile_id, CONFIDENCE_FILE), pred[1:2], nodata=CONFIDENCE_NODATA,
                                band_names=["confidence_percent"], tags={**(tags or {}), "tile_id": tile_id},
                                **where)
@@ -1555,7 +1549,6 @@ def _make_product_at(plan: InferencePlan, out: Path, done: list[str], failed: Ma
     """:func:`_make_product` written at the local path ``out``."""
     if plan.spec.embedding_dims:
         return _make_field_product(plan, out, done, failed, say, run)
-    from pipeline.calibration import CONFIDENCE_NODATA
     from pipeline.mosaic import mosaic_parts, mosaic_tiles, product_blocksize, quicklook_png
     from pipeline.product_item import product_item, write_item, write_parts_collection
 
@@ -1644,7 +1637,6 @@ class ProductExtras:
     def add_class_assets(self, item, plan: InferencePlan, cog: Path, conf_cog: Path, say) -> None:
         import pystac
 
-        from pipeline.calibration import CONFIDENCE_NODATA
         from pipeline.product_item import add_raster_asset
 
         add_raster_asset(item, "confidence", conf_cog, roles=["data", "confidence"],
@@ -1669,7 +1661,7 @@ class ProductExtras:
     def add_report(self, item, plan: InferencePlan, out: Path, png: Path, product_item, run, say) -> Path:
         import pystac
 
-        from pipeline.report import RunReport, write_report
+        from pipeline.report import RunReport, save_report_json, write_report
 
         rep = RunReport(
             title=f"SkySense {plan.config.task}: {out.stem}", quicklook=png,
@@ -1701,35 +1693,6 @@ def report_provenance(props: Mapping[str, Any]) -> dict[str, Any]:
         if k in props:
             out[k.split(":")[1]] = props[k]
     return out
-
-
-def save_report_json(rep, path: Path) -> Path:
-    """The report's content as JSON beside its HTML, so a later step (the demo's scoring) re-renders it with
-    more in it (:func:`update_report`)."""
-    doc = dataclasses.asdict(rep)
-    # relative to the JSON: the product directory may move, or be built in a temporary one and uploaded
-    doc["quicklook"] = os.path.relpath(Path(rep.quicklook).resolve(), Path(path).resolve().parent)
-    with storage.local_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(doc, indent=2, default=str))
-    return path
-
-
-def update_report(report_html: str | Path, **changes) -> Path:
-    """Re-render ``<stem>.report.html`` from its ``.report.json`` with ``changes`` (``metrics``,
-    ``baseline_name``, ``truth_name``, ``notes``, ...): how the demo adds the scores against truth and the
-    baseline that inference cannot know."""
-    from pipeline.report import RunReport, write_report
-
-    html = Path(report_html)
-    meta = html.with_suffix(".json")
-    doc = {**json.loads(meta.read_text()), **changes}
-    doc["quicklook"] = str(meta.parent / doc["quicklook"])
-    doc["legend"] = [(n, tuple(c)) for n, c in doc.get("legend", [])]
-    if doc.get("bounds_lonlat"):
-        doc["bounds_lonlat"] = tuple(doc["bounds_lonlat"])
-    rep = RunReport(**doc)
-    save_report_json(rep, meta)
-    return write_report(rep, html.parent, name=html.name)
 
 
 def class_areas_km2(cog: str | Path, class_names: Mapping[int, str]) -> dict[str, float]:

@@ -24,8 +24,12 @@ from pipeline import zarr_cube
 from pipeline.grid import parse_tile_id
 
 NODATA = 255
+# The confidence band beside a class map (pipeline.calibration) is nodata exactly where the map is, with the
+# same uint8 value: 0..100 are percent.
+CONFIDENCE_NODATA = NODATA
 
-__all__ = ["NODATA", "TileGeoref", "labels_on_grid", "labels_on_tile", "open_label_raster", "tile_georef"]
+__all__ = ["CONFIDENCE_NODATA", "NODATA", "TileGeoref", "labels_on_grid", "labels_on_tile", "open_label_raster",
+           "tile_georef"]
 
 
 @dataclass(frozen=True)

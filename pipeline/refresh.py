@@ -70,6 +70,7 @@ from pipeline.cube import CubeConfig
 from pipeline.flood import FLOOD_PERMANENT, FLOOD_WATER, NODATA, flood_legend, otsu_flood
 from pipeline.grid import TileGrid, parse_aoi, parse_tile_id, tiles_for_aoi
 from pipeline.jsonfiles import CorruptRecordError, read_json
+from pipeline.labels import CONFIDENCE_NODATA
 from pipeline.locks import Busy, RunLock
 from pipeline.tile_table import MEDIA_TYPE as TABLE_MEDIA_TYPE
 from pipeline.tile_table import read_records, write_records
@@ -592,8 +593,6 @@ def _make_version(cfg: RefreshConfig, prod_dir: Path, stage: Path, rel: str, as_
     notes = []
     if conf_tiles:
         import rasterio
-
-        from pipeline.calibration import CONFIDENCE_NODATA
 
         with rasterio.open(cog) as src:
             grid_of_map = {"bounds": tuple(src.bounds), "resolution": src.res[0]}

@@ -28,14 +28,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from string import Template
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["RunReport", "write_report"]
+__all__ = ["RunReport", "save_report_json", "update_report", "write_report"]
 
 
 @dataclass
@@ -86,6 +86,33 @@ def write_report(report: RunReport, directory: str | Path, name: str = "report.h
     dest = directory / name
     _atomic_write(dest, page.encode("utf-8"))
     return dest
+
+
+def save_report_json(report: RunReport, path: str | Path) -> Path:
+    """``report``'s content as JSON (written atomically), beside its HTML, so that a later step re-renders it with
+    more in it (:func:`update_report`: the demo adds the scores against truth that inference cannot know). The
+    quicklook is stored relative to the JSON: the product directory may move, or be built in a temporary one
+    and uploaded."""
+    path = Path(path)
+    doc = asdict(report)
+    doc["quicklook"] = os.path.relpath(Path(report.quicklook).resolve(), path.resolve().parent)
+    _atomic_write(path, json.dumps(doc, indent=2, default=str).encode("utf-8"))
+    return path
+
+
+def update_report(report_html: str | Path, **changes) -> Path:
+    """Re-render ``<stem>.html`` from its ``<stem>.json`` (:func:`save_report_json`) with ``changes`` (``metrics``,
+    ``baseline_name``, ``truth_name``, ``notes``, ...); both files are rewritten. Returns the HTML's path."""
+    html = Path(report_html)
+    meta = html.with_suffix(".json")
+    doc = {**json.loads(meta.read_text()), **changes}
+    doc["quicklook"] = str(meta.parent / doc["quicklook"])
+    doc["legend"] = [(n, tuple(c)) for n, c in doc.get("legend", [])]
+    if doc.get("bounds_lonlat"):
+        doc["bounds_lonlat"] = tuple(doc["bounds_lonlat"])
+    report = RunReport(**doc)
+    save_report_json(report, meta)
+    return write_report(report, html.parent, name=html.name)
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -195,16 +222,24 @@ def _areas_html(areas: Mapping[str, float], legend: Sequence[tuple[str, Sequence
     # Legend order first (the order a reader already saw), then any class the legend lacks.
     named = [n for n, _ in legend]
     order = [n for n in named if n in areas] + [n for n in areas if n not in named]
-    total = sum(_number(areas[n]) or 0.0 for n in order)
-    rows = []
-    for n in order:
-        a = _number(areas[n])
-        pct = f"{100 * a / total:.1f}" if a is not None and total > 0 else "—"
-        rows.append(f"<tr><th scope=\"row\">{_esc(str(n))}</th><td>{_fmt(a)}</td><td>{pct}</td></tr>")
-    rows.append(f'<tr class="total"><th scope="row">mapped area</th><td>{_fmt(total)}</td>'
-                f"<td>{'100.0' if total > 0 else '—'}</td></tr>")
-    return ('<table class="areas"><thead><tr><th>class</th><th>area, km²</th><th>% of mapped area</th></tr>'
-            "</thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+    return _share_table([(n, areas[n]) for n in order], "areas", ("class", "area, km²", "% of mapped area"),
+                        "mapped area", digits=2)
+
+
+def _share_table(rows: Sequence[tuple[Any, Any]], css: str, headers: tuple[str, str, str], total_label: str,
+                 digits: int) -> str:
+    """A table of (label, value) rows with each value's share of their sum and a total row (class areas,
+    stage timings); a value that is not a number shows a dash and counts 0."""
+    total = sum(_number(v) or 0.0 for _, v in rows)
+    out = []
+    for label, v in rows:
+        f = _number(v)
+        pct = f"{100 * f / total:.1f}" if f is not None and total > 0 else "—"
+        out.append(f"<tr><th scope=\"row\">{_esc(str(label))}</th><td>{_fmt(f, digits)}</td><td>{pct}</td></tr>")
+    out.append(f'<tr class="total"><th scope="row">{_esc(total_label)}</th><td>{_fmt(total, digits)}</td>'
+               f"<td>{'100.0' if total > 0 else '—'}</td></tr>")
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(out) + "\n</tbody></table>"
 
 
 def _metrics_html(metrics: list[dict], baseline_name: str | None, truth_name: str | None) -> str:
@@ -262,16 +297,8 @@ def _dl_html(d: Mapping[str, Any]) -> str:
 def _timings_html(timings: Mapping[str, float]) -> str:
     if not timings:
         return ""
-    total = sum(_number(s) or 0.0 for s in timings.values())
-    rows = []
-    for stage, s in timings.items():
-        f = _number(s)
-        pct = f"{100 * f / total:.1f}" if f is not None and total > 0 else "—"
-        rows.append(f"<tr><th scope=\"row\">{_esc(str(stage))}</th><td>{_fmt(f, 1)}</td><td>{pct}</td></tr>")
-    rows.append(f'<tr class="total"><th scope="row">total</th><td>{_fmt(total, 1)}</td>'
-                f"<td>{'100.0' if total > 0 else '—'}</td></tr>")
-    return ('<table class="timings"><thead><tr><th>stage</th><th>wall time, s</th><th>% of total</th></tr>'
-            "</thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+    return _share_table(list(timings.items()), "timings", ("stage", "wall time, s", "% of total"), "total",
+                        digits=1)
 
 
 # Known cost keys and how to label them (with units); other keys are shown as given.

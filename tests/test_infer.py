@@ -347,11 +347,11 @@ def test_class_map_comes_with_confidence_polygons_report_and_cost(setup, landcov
 
 def test_product_report_renders_in_chromium_with_scores_added(setup, landcover, driver, tmp_path):
     """The land-cover product's report, with scores added afterwards as the demo adds them
-    (``pipeline.inference.update_report``), in a real headless Chromium: no console error, the quicklook loaded,
+    (``pipeline.report.update_report``), in a real headless Chromium: no console error, the quicklook loaded,
     the legend, class areas (which add up to the mapped area), the model beside the baseline."""
     import shutil as sh
 
-    from pipeline.inference import update_report
+    from pipeline.report import update_report
     from tests.browser import console_errors as _console_errors
 
     out, _ = landcover
