@@ -19,14 +19,19 @@ neighbouring windows), batch size, weights and torch thread count, in one proces
 
 ``ms_per_px`` = milliseconds per 10 m tile-core pixel (both sides are credited with the same core pixels;
 for the pipeline end to end, the actor's start-up and model loading included), ``steady_ms_per_px`` = the
-pipeline after its first tile (the rate a long run converges to),
+pipeline after its first tile (the rate a long run converges to; from the tiles' end times by the actor's clock,
+``InferenceResult.seconds["steady_per_tile"]``), ``startup_s`` = the first tile's time less a steady tile's (Ray
+Data start, the actor's process, imports and model load: a fixed cost per run, which a run of N tiles shares),
 ``computed_per_core`` = S2 px the model computes per core pixel (margin and overlaps). ``ratio`` = pipeline px/s
 / forward px/s (target >= 0.9). The result line checks the targets of the pipeline figure: ``ms_per_px`` at the
 default window <= 0.1 on 2 CPU cores, and flat across the windows: every window within +-15 % of their median.
 With ``--repeats R`` both sides run R times per window and the medians are used. Each side starts on an idle
 machine (:func:`settle`: Ray's own processes stay busy for seconds after start-up and after each dataset).
 
-    python bench/infer.py [--cube out/demo/cube.zarr] [--checkpoint HEAD_OR_RUN_DIR] [--preset tiny] [--tiles 4]
+By default every tile of the cube is predicted (the demo cube's 25): the fixed start-up (~5 s on 2 cores) is a
+large share of a few tiles' time, not of a real run's.
+
+    python bench/infer.py [--cube out/demo/cube.zarr] [--checkpoint HEAD_OR_RUN_DIR] [--preset tiny] [--tiles 0]
                           [--windows 32 64 128 default] [--overlap 4] [--batch-size 4] [--repeats 1] [--gpu]
                           [--forward-only] [--out DIR]
 
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--cube", default=str(ROOT / "out/demo/cube.zarr"))
     p.add_argument("--checkpoint", default=None, help="fine-tune run dir or head.safetensors (default: random)")
     p.add_argument("--preset", default="tiny", help="random-init preset without --checkpoint")
-    p.add_argument("--tiles", type=int, default=4, help="the first N done tiles of the cube")
+    p.add_argument("--tiles", type=int, default=0, help="the first N done tiles of the cube (0: all)")
     p.add_argument("--windows", nargs="+", default=["32", "64", "128", "default"],
                    help="windows in S2 px; 'default' = the preset's default window")
     p.add_argument("--overlap", type=int, default=None, help="default: pipeline.inference.DEFAULT_OVERLAP")
@@ -210,7 +215,7 @@ def main(argv=None) -> int:
 
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="skysense-bench-infer-"))
     ckpt = a.checkpoint or str(random_head(a.cube, out, a.preset))
-    tiles = sorted(done_tiles(a.cube))[: a.tiles]
+    tiles = sorted(done_tiles(a.cube))[: a.tiles or None]
     init_ray(None, log_to_driver=False)  # stdout: JSON lines only
     peak = gpu_peak_bf16(torch.cuda.get_device_name()) if a.gpu else None
     results = []
@@ -252,12 +257,13 @@ def main(argv=None) -> int:
                 print(f"error: the pipeline left tiles undone: {res.failed}", file=sys.stderr)
                 return 1
             sec = res.seconds
-            steady = (len(tiles) - 1) * spec.core[1] ** 2 / (sec["pipeline"] - sec["first_tile"])
+            steady = spec.core[1] ** 2 / sec["steady_per_tile"]
             pipe.append(res.pixels_per_s)
             steady_list.append(steady)
             line = {**common, "kind": "pipeline", "repeat": r, "pixels": len(tiles) * spec.core[1] ** 2,
                     "seconds": {k: round(v, 3) for k, v in sec.items()}, "pixels_per_s": res.pixels_per_s,
                     "ms_per_px": round(1e3 / res.pixels_per_s, 4), "steady_ms_per_px": round(1e3 / steady, 4),
+                    "startup_s": round(sec["first_tile"] - sec["steady_per_tile"], 2),
                     "driver_cpu_s": round(driver_cpu, 2), "driver_cpu_share": round(driver_cpu / sec["total"], 3)}
             if a.gpu:
                 line["km2_per_h"] = round(res.pixels_per_s * 3600 / 1e4, 1)

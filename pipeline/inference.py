@@ -703,7 +703,8 @@ class TilePredictor:
     # -- the Ray Data UDF -----------------------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch of tile rows -> one row per tile: ``tile_id``, ``status`` (``done`` / ``failed``), ``reason``,
-        ``seconds``, ``worker`` (pid) and ``pred`` (bands, n, n) (all nodata for a failed tile)."""
+        ``seconds``, ``worker`` (pid), ``pred`` (bands, n, n) (all nodata for a failed tile) and ``finished``
+        (Unix time; with a sink, after its writes)."""
         n = self.spec.core[1]
         ids = [str(t) for t in batch["tile_id"]]
         if self.cube is not None and not any(m in batch for m in self.spec.modalities):
@@ -746,7 +747,8 @@ class TilePredictor:
             busy.unlink(missing_ok=True)
         rows = {"tile_id": np.array(out["tile_id"]), "status": np.array(out["status"]),
                 "reason": np.array(out["reason"]), "seconds": np.array(out["seconds"], np.float64),
-                "worker": np.array(out["worker"], np.int64), "pred": np.stack(out["pred"])}
+                "worker": np.array(out["worker"], np.int64), "pred": np.stack(out["pred"]),
+                "finished": np.full(len(ids), time.time(), np.float64)}
         return rows if self.sink is None else write_tile_outputs(rows, **self.sink)
 
 
@@ -793,7 +795,9 @@ def write_tile_outputs(batch: Mapping[str, np.ndarray], *, tile_dir: str, cube: 
     """The per-tile sink (a Ray Data map stage on fractional CPUs): writes every ``done`` row's ``pred`` as
     ``tile_dir/tiles/<tile_id>.tif`` in the tile's UTM CRS (georeference from the cube's tile attributes, the core
     offset by the halo) and returns the status rows without ``pred``: ``tile_id``, ``status``, ``reason``,
-    ``seconds``, ``worker``, ``file``. A failed write turns the row into ``failed`` with the reason.
+    ``seconds``, ``worker``, ``file``, ``finished`` (Unix time after the writes: when the tile was done, as the
+    actor's clock says; the driver hears of it later). A failed write turns the row into ``failed`` with the
+    reason.
     ``confidence``: ``pred`` is (class, confidence); the confidence goes to ``tiles/<tile_id>.confidence.tif``
     (uint8 percent, nodata 255), written before the class map so that a tile whose class map exists has both."""
     from affine import Affine
@@ -823,7 +827,8 @@ def write_tile_outputs(batch: Mapping[str, np.ndarray], *, tile_dir: str, cube: 
         files.append(f)
     return {"tile_id": np.asarray(batch["tile_id"]).astype(str), "status": np.array(status, dtype=str),
             "reason": np.array(reason, dtype=str), "seconds": np.asarray(batch["seconds"], np.float64),
-            "worker": np.asarray(batch["worker"], np.int64), "file": np.array(files, dtype=str)}
+            "worker": np.asarray(batch["worker"], np.int64), "file": np.array(files, dtype=str),
+            "finished": np.full(len(files), time.time(), np.float64)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1343,8 +1348,10 @@ class InferenceResult:
     the product files, None when no product was made (failed tiles without ``allow_partial``, or stopped by
     ``max_tiles``). ``processed``: tiles this run predicted (done or failed in the model); ``skipped``: tiles
     done by an earlier run. ``seconds``: ``plan``, ``pipeline`` (Ray Data, from its start to the last tile:
-    actor start-up and model loading included), ``first_tile`` (from its start to the first tile), ``mosaic``,
-    ``total``. ``pixels_per_s``: core pixels of the tiles this run predicted / pipeline seconds."""
+    actor start-up and model loading included), ``first_tile`` (from its start to the end of the first tile, by
+    the actor's clock), ``steady_per_tile`` (seconds per tile after the first: the rate a long run converges to;
+    with several actors, tiles over their combined rate), ``mosaic``, ``total``. ``pixels_per_s``: core pixels
+    of the tiles this run predicted / pipeline seconds."""
 
     tile_dir: Path
     manifest: Path
@@ -1821,7 +1828,7 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
     per_actor_cpus = 0.0
     stopped = False
     t_pipe = 0.0
-    t_first: float | None = None
+    finished: list[float] = []  # seconds from the pipeline's start to each tile's end, by the actors' clocks
     if todo and not (cfg.max_tiles is not None and cfg.max_tiles <= 0):
         init_ray(cfg.ray_address)
         n_actors, per, threads = actor_resources(cfg)
@@ -1857,12 +1864,11 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
                 )
             say(f"[infer] {n_actors} actor(s) x {per:g} CPU{' + 1 GPU' if cfg.gpu else ''}, {threads} torch "
                 f"thread(s) each")
-            t0 = time.perf_counter()
+            t0, wall0 = time.perf_counter(), time.time()
             it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
             try:
                 for batch in it:
-                    if t_first is None:
-                        t_first = time.perf_counter() - t0
+                    finished.extend(float(f) - wall0 for f in batch["finished"])
                     for i, tile_id in enumerate(str(t) for t in batch["tile_id"]):
                         rec = {"status": str(batch["status"][i]), "seconds": round(float(batch["seconds"][i]), 3),
                                "worker": int(batch["worker"][i])}
@@ -1924,8 +1930,12 @@ def run_inference(cfg: InferenceConfig, progress: Callable[[str], None] | None =
     n_core = spec.core[1] ** 2
     predicted = [t for t in processed if t in done_now]
     result.seconds = {"plan": t_plan, "pipeline": t_pipe, "mosaic": t_mosaic, "total": time.perf_counter() - t_start}
-    if t_first is not None:
-        result.seconds["first_tile"] = t_first
+    if finished:
+        # Ray Data hands the driver a tile's row about one tile late (the actor's next call first), so the tiles'
+        # own end times, not the driver's arrival times, say when the first tile was done and how fast the rest
+        result.seconds["first_tile"] = min(finished)
+        if len(finished) > 1:
+            result.seconds["steady_per_tile"] = (max(finished) - min(finished)) / (len(finished) - 1)
     result.pixels_per_s = len(predicted) * n_core / t_pipe if t_pipe > 0 and predicted else None
     return result
 
