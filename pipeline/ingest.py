@@ -13,7 +13,6 @@ per tile) are written.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -36,7 +35,7 @@ from pipeline import storage, zarr_cube
 from pipeline.cube import CubeConfig, TileSample, assemble_tile, assemble_tiles, blocks_of
 from pipeline.grid import Tile, footprints_lonlat, tiles_for_aoi
 from pipeline.hrefs import HrefPolicy, HrefRefused
-from pipeline.locks import Busy, RunLock
+from pipeline.locks import Busy, run_lock
 from pipeline.providers import GENERIC_PROVIDER_NAME, PROFILES, ProviderError, resolve_item
 from pipeline.stac import StacSource, open_source, search
 
@@ -357,21 +356,21 @@ def run_ingest(
     AOI) and :class:`pipeline.zarr_cube.CubeError` (an existing cube made with other settings, or an ``out``
     that is a file or a directory that is not a cube, unless ``overwrite``) before any tile is touched.
     ``tile_filter`` restricts the run to some of the planned tiles (tests, refreshes). One ingest at a time
-    writes a cube: another waits up to ``wait_s`` s for the lock (``OUT.lock`` beside it), then raises
-    :class:`IngestBusy` (local cubes only: an ``s3://`` cube, ``pipeline.storage``, has no lock). The catalog's
+    writes a cube: another waits up to ``wait_s`` s for the lock (``.OUT.lock`` beside it: a file lock, or for an
+    ``s3://`` cube a lease object, ``pipeline.locks``), then raises :class:`IngestBusy`. The catalog's
     links and the items' band hrefs must stay within ``pipeline.hrefs.HrefPolicy.for_catalog(catalog,
     allow_hrefs)`` (``HrefRefused``, a ``ValueError``, before any tile).
     """
     cfg = cfg or CubeConfig()
     out = storage.location(out)
     zarr_cube.check_out(out, overwrite)
-    if storage.is_remote(out):
-        # an object store has no file lock: runs into one s3:// cube are not serialised (the caller's duty)
-        lock = contextlib.nullcontext()
+    if storage.is_remote(out):  # a lease object beside the cube (pipeline.locks.ObjectLock)
+        parent, _, name = out.rpartition("/")
+        lock_at: str | Path = f"{parent}/.{name}.lock"
     else:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(Path(out).with_name(f".{Path(out).name}.lock"), wait_s, "ingest into this cube", IngestBusy)
-    with lock:
+        lock_at = Path(out).with_name(f".{Path(out).name}.lock")
+    with run_lock(lock_at, wait_s, "ingest into this cube", IngestBusy):
         return _run_ingest(catalog, aoi, start, end, out, cfg, collections=collections, ray_address=ray_address,
                            cpus_per_tile=cpus_per_tile, max_in_flight=max_in_flight, block_tiles=block_tiles,
                            progress=progress,
