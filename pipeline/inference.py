@@ -507,6 +507,7 @@ class TilePredictor:
 
             self.projection = projection(self.feature_dim, spec.embedding_dims)
         self._loaded = False
+        self._source = None  # the cube's datasource, made by the first read (reads_in_actor)
 
     def _load(self) -> None:
         """Load the model, head and few-shot support, once, in the thread that predicts. Ray Data constructs the
@@ -687,7 +688,12 @@ class TilePredictor:
         rows, errors = [], []
         for t in ids:
             try:
-                rows.append(next(read_tiles_local(self.cube, [t], modalities=self.spec.modalities)))
+                if self._source is None:  # the cube's index read once per actor, not once per tile
+                    self._source = CubeDatasource(self.cube, modalities=self.spec.modalities)
+                row = self._source.read_tile(t)
+                if row is None:  # pragma: no cover (min_valid is 0 here: every window is kept)
+                    raise ValueError("no window of the tile was kept")
+                rows.append(row)
                 errors.append("")
             except Exception as e:
                 rows.append(None)
