@@ -120,10 +120,12 @@ class ObjectLock:
         try:
             r = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(),
                                 ContentType="application/json", **condition)
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):  # 412 on If-None-Match; 404: the If-Match object is gone
             return None
         except OSError as e:
-            if e.errno == errno.EINVAL:  # s3fs's translation of 412 Precondition Failed (If-Match)
+            # s3fs's translation of 412 Precondition Failed on If-Match; AWS answers 409 to a write that races
+            # another conditional write of the same key
+            if e.errno == errno.EINVAL or "ConditionalRequestConflict" in str(e):
                 return None
             raise
         return r["ETag"]
