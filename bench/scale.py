@@ -8,9 +8,12 @@ halo, 3 S2 / 2 S1 / 1 HR dates, HR ratio 4), random values written by the ingest
 with a random-init tiny encoder and linear head (the cost does not depend on the weights) as ``jobs/infer.py``
 runs it on a local Ray, its own ``plan``, ``pipeline`` and ``mosaic`` seconds (``infer`` = its plan + pipeline;
 ``mosaic`` = the product, one COG or COG parts past ``part_px``). One JSON line per N with the seconds, the
-milliseconds per tile of each stage and the driver's peak resident memory; the result line gives the spread of
-each stage's cost per tile from 100 tiles on (target: within +-25 % of the median) and the driver's memory per
-1,000 tiles (slope of the peaks). Ray's start-up is timed apart (``ray_start``): a fixed cost, not a per-tile one.
+milliseconds per tile of each stage and the driver's peak resident memory; ``infer_steady_ms_per_tile``: the
+inference actors' seconds per tile after their first (``InferenceResult.seconds["steady_per_tile"]``, from the
+tiles' end times: the stage without its ~5 s start-up, which the average of a small N carries). The result line
+gives the spread of each stage's cost per tile from 100 tiles on (target: within +-25 % of the median; the
+judgement ``flat`` is on these averages), the steady inference figure's spread beside it, and the driver's memory
+per 1,000 tiles (slope of the peaks). Ray's start-up is timed apart (``ray_start``): a fixed cost, not a per-tile one.
 ``SKYSENSE_BENCH_TMP`` places the cubes (10,000 tiles: ~1 GB).
 
     python bench/scale.py [--sizes 10 100 1000 10000] [--tile-px 16]
@@ -258,12 +261,15 @@ def pipeline_once(n: int, tile_px: int, dates: int, center: tuple[float, float])
         assert res.complete and len(res.done) == len(ids), res.failed
         for k in ("plan", "pipeline", "mosaic"):
             sec[f"infer_{k}"] = res.seconds.get(k, 0.0)
+        steady = res.seconds.get("steady_per_tile")  # the actors' rate after their first tile (their own clocks)
         out["product_parts"] = len(list((Path(tmp) / "product").glob("*.tif")))
         ray.shutdown()
     out["seconds"] = {k: round(v, 3) for k, v in sec.items()}
     per = {"plan": sec["plan"], "infer": sec["infer_plan"] + sec["infer_pipeline"], "mosaic": sec["infer_mosaic"]}
     out["ms_per_tile"] = {k: round(v / len(ids) * 1e3, 3) for k, v in per.items()}
     out["ms_per_tile"]["total"] = round(sum(per.values()) / len(ids) * 1e3, 3)
+    if steady is not None:  # beside the average: the same stage without its fixed start-up
+        out["infer_steady_ms_per_tile"] = round(steady * 1e3, 3)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
 
@@ -390,6 +396,8 @@ def main(argv=None) -> int:
                             and "marginal_ms_per_tile" in r]) for k in stages}
         res = {"bench": "scale", "kind": "result", "mode": "pipeline", "largest_tiles": largest["tiles"],
                "ms_per_tile_spread_from_100": spreads, "marginal_spread_from_1000": marg,
+               "infer_steady_spread_from_100": _spread([r["infer_steady_ms_per_tile"] for r in from100
+                                                        if "infer_steady_ms_per_tile" in r]),
                "flat_target": TARGET_FLAT,
                "flat": all(v is not None and v <= TARGET_FLAT for v in spreads.values()),
                "flat_marginal": all(v is not None and v <= TARGET_FLAT for v in marg.values()),
