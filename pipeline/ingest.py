@@ -364,13 +364,10 @@ def run_ingest(
     cfg = cfg or CubeConfig()
     out = storage.location(out)
     zarr_cube.check_out(out, overwrite)
-    if storage.is_remote(out):  # a lease object beside the cube (pipeline.locks.ObjectLock)
-        parent, _, name = out.rpartition("/")
-        lock_at: str | Path = f"{parent}/.{name}.lock"
-    else:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        lock_at = Path(out).with_name(f".{Path(out).name}.lock")
-    with run_lock(lock_at, wait_s, "ingest into this cube", IngestBusy):
+    parent, _, name = out.rpartition("/")  # out: an absolute path or a URL (storage.location)
+    if not storage.is_remote(out):
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    with run_lock(f"{parent}/.{name}.lock", wait_s, "ingest into this cube", IngestBusy):
         return _run_ingest(catalog, aoi, start, end, out, cfg, collections=collections, ray_address=ray_address,
                            cpus_per_tile=cpus_per_tile, max_in_flight=max_in_flight, block_tiles=block_tiles,
                            progress=progress,

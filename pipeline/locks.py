@@ -30,6 +30,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline import storage
+
 
 class Busy(RuntimeError):
     """Another run holds the lock."""
@@ -81,8 +83,6 @@ class ObjectLock:
 
     def __init__(self, url: str, wait_s: float = 0.0, what: str = "run", busy: type[Busy] = Busy,
                  lease_s: float | None = None):
-        from pipeline import storage
-
         self.url, self.wait_s, self.what, self.busy = storage.check_url(url), wait_s, what, busy
         self.lease_s = float(lease_s or self.LEASE_S)
         self.bucket, _, self.key = storage.object_key(self.url).partition("/")
@@ -201,8 +201,6 @@ class ObjectLock:
 def run_lock(location: str | Path, wait_s: float = 0.0, what: str = "run", busy: type[Busy] = Busy):
     """The lock for ``location`` (the lock file or object itself): :class:`ObjectLock` for an ``s3://`` URL,
     else :class:`RunLock`."""
-    from pipeline import storage
-
     if storage.is_remote(location):
         return ObjectLock(str(location), wait_s, what, busy)
     return RunLock(Path(location), wait_s, what, busy)
